@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    creates/updates .venv, then runs the quickstart fine-tune
+#   make test   creates/updates .venv, then runs the whole test suite
+# The environment is rebuilt only when pyproject.toml or constraints.txt change.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.tunekit-installed
+# torch is installed on its own, pinned, before anything that depends on it:
+# on a CPU machine pip then takes the CPU wheel (never a multi-GB CUDA build),
+# and the range in pyproject.toml accepts what is already there.
+TORCH   ?= torch==2.13.0
+
+.PHONY: run test lint install clean bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/tunekit finetune cookbook/quickstart.yaml
+
+lint: $(STAMP)
+	cd tests && ../$(VENV)/bin/lint-imports --config ../pyproject.toml
+
+test: lint
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -m "not gpu" -q
+
+bench: $(STAMP)
+	$(PY) bench/kernels.py
+
+clean:
+	rm -rf $(VENV) runs

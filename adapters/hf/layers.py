@@ -1,0 +1,73 @@
+"""Linear-like base modules LoRA can wrap: ``nn.Linear``, transformers' ``Conv1D``
+(GPT-2; weight stored transposed, ``(in, out)``), and bitsandbytes' ``Linear4bit``
+/ ``Linear8bitLt`` (quantized, so their weight must be dequantized to be read).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SUPPORTED_LINEAR_TYPES = "nn.Linear, transformers Conv1D, bitsandbytes Linear4bit / Linear8bitLt"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def _bnb_kind(module: nn.Module) -> str | None:
+    name = type(module).__name__
+    if name in ("Linear4bit", "LinearNF4", "LinearFP4") and type(module).__module__.startswith("bitsandbytes"):
+        return "4bit"
+    if name == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes"):
+        return "8bit"
+    return None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return _bnb_kind(module) is not None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like module."""
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight as a dense ``(out, in)`` tensor (dequantized if needed)."""
+    kind = _bnb_kind(module)
+    if kind == "4bit":
+        import bitsandbytes.functional as bnbF
+
+        weight = module.weight
+        if weight.quant_state is None:
+            raise RuntimeError("bitsandbytes 4-bit weight is not quantized yet: move the model .to(device) first")
+        return bnbF.dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "8bit":
+        weight = module.weight
+        if getattr(weight, "SCB", None) is None:
+            return weight.data
+        return weight.CB.float() * weight.SCB.float().unsqueeze(1) / 127.0
+    if is_conv1d(module):
+        return module.weight.T
+    return module.weight
+
+
+def dequantized_linear(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """A plain ``nn.Linear`` holding the (dequantized) weight of ``module``."""
+    in_f, out_f = linear_features(module)
+    weight = base_weight(module).detach()
+    linear = nn.Linear(in_f, out_f, bias=module.bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.to(dtype))
+        if module.bias is not None:
+            linear.bias.copy_(module.bias.detach().to(dtype))
+    return linear

@@ -1,0 +1,65 @@
+"""Tiny Hugging Face models built from configs (no Hub), and tiny data."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+VOCAB = 96
+
+
+def tiny_llama(layers: int = 2, kv_heads: int = 2, **kw) -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(layers: int = 2, **kw) -> GPT2LMHeadModel:
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=128,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(num_labels: int = 3, **kw) -> BertForSequenceClassification:
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128, num_labels=num_labels, **kw)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_t5(**kw) -> T5ForConditionalGeneration:
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                   num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **kw)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "t5": tiny_t5}
+
+
+def tiny_inputs(kind: str, batch: int = 2, length: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Model inputs for a tiny model of ``kind`` (with a padded row for masks)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if batch > 1:
+        mask[-1, :2] = 0  # left padding on the last row
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if kind == "t5":
+        inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 5), generator=g)
+    return inputs
+
+
+def model_output(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits

@@ -1,0 +1,15 @@
+"""The only place tolerances are defined."""
+
+import torch
+
+# Same math, same fp32 weights, different code path (merge vs unmerged, PEFT vs tunekit).
+FP32_EXACT = 1e-5
+# Merging then unmerging in fp32 (rounding of W + dW - dW).
+FP32_MERGE_ROUNDTRIP = 1e-5
+
+# Kernel tests: err(kernel, ref32) <= 2 * err(ref_in_dtype, ref32) + FLOOR[dtype]
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
