@@ -25,6 +25,7 @@ from tunekit.adapters.api import (
     trainable_parameters,
     unmerge_adapters,
 )
+from tunekit.adapters.bottleneck import BottleneckConfig, ParallelBottleneck, SerialBottleneck
 from tunekit.adapters.config import AdapterConfig
 from tunekit.adapters.host import AdapterHost, AdapterLayer, ModulesToSave, NotMergeableError
 from tunekit.adapters.injection import InjectionReport
@@ -38,12 +39,15 @@ __all__ = [
     "AdapterHost",
     "AdapterLayer",
     "AdapterMethod",
+    "BottleneckConfig",
     "InjectionReport",
     "LoRAConfig",
     "LoRALayer",
     "ModulesToSave",
     "NotMergeableError",
+    "ParallelBottleneck",
     "ParamCount",
+    "SerialBottleneck",
     "active_adapters",
     "adapter_configs",
     "adapter_state_dict",
