@@ -175,7 +175,8 @@ def eject_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
     model.tunekit_adapter_configs = {}
     model.tunekit_active_adapters = []
     for p in model.parameters():
-        p.requires_grad_(True)
+        # a plain model trains everything again; packed quantized weights (uint8) never do
+        p.requires_grad_(p.dtype.is_floating_point)
     return model
 
 

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -50,7 +52,12 @@ def base_weight(module: nn.Module) -> torch.Tensor:
         weight = module.weight
         if weight.quant_state is None:
             raise RuntimeError("bitsandbytes 4-bit weight is not quantized yet: move the model .to(device) first")
-        return bnbF.dequantize_4bit(weight.data, weight.quant_state)
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks 4-bit weights in place for its AVX512-bf16 CPU path on the
+            # first eval/no-grad forward; dequantize_4bit reads that layout wrong, so undo it on a copy.
+            data, state = bnbF._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+        return bnbF.dequantize_4bit(data, state)
     if kind == "8bit":
         weight = module.weight
         if getattr(weight, "SCB", None) is None:

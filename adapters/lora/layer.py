@@ -53,6 +53,16 @@ class LoRABranch(nn.Module):
 class LoRALayer(AdapterLayer):
     """Wraps ``nn.Linear``, transformers ``Conv1D`` or a bitsandbytes 4/8-bit linear."""
 
+    # HF code reads some projections' weight directly (T5 checks ``self.wo.weight.dtype``);
+    # expose the base's, as PEFT's tuner layers do, without forwarding every attribute.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def _weight(self) -> torch.Tensor:
         return base_weight(self.base_layer)
 

@@ -18,12 +18,13 @@ VOCAB = 96
 
 
 def tiny_llama(layers: int = 2, kv_heads: int = 2, **kw) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
+    """A 2-layer Llama (hidden 32, GQA 4:2); ``kw`` overrides any LlamaConfig field."""
+    fields = dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **kw})).eval()
 
 
 def tiny_gpt2(layers: int = 2, **kw) -> GPT2LMHeadModel:

@@ -13,3 +13,8 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+# A 4-bit base dequantized to fp32 and merged vs the unmerged 4-bit forward.
+FP32_DEQUANT_MERGE = 1e-4
+# bitsandbytes' CPU 4-bit path computes in bf16 after its repack.
+BF16_COMPUTE = 5e-3

@@ -1,0 +1,128 @@
+"""The adapter contract for the LoRA family over tiny HF models built from configs.
+
+Rows are (architecture, LoRA config); every row runs every contract check.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny import TINY_MODELS, model_output, tiny_inputs
+from _tolerances import FP32_EXACT, FP32_MERGE_ROUNDTRIP, max_abs_diff
+
+from tunekit.adapters import (
+    LoRAConfig,
+    LoRALayer,
+    disable_adapters,
+    eject_adapters,
+    inject_adapters,
+    load_adapters,
+    merge_adapters,
+    save_adapters,
+    trainable_parameters,
+    unmerge_adapters,
+)
+
+ROWS = [
+    ("llama", dict()),
+    ("llama", dict(use_rslora=True, target_modules="all-linear")),
+    ("llama", dict(use_dora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    ("gpt2", dict()),  # Conv1D
+    ("gpt2", dict(use_dora=True, target_modules=["c_attn", "c_fc"])),
+    ("bert", dict(modules_to_save=["classifier"])),
+    ("bert", dict(target_modules=r".*attention\.self\.(query|value)")),  # regex
+    ("t5", dict()),
+    ("t5", dict(use_rslora=True, target_modules="all-linear")),
+]
+IDS = [f"{arch}-{i}" for i, (arch, _) in enumerate(ROWS)]
+
+
+def _build(arch: str, kw: dict, *, trained: bool = True):
+    torch.manual_seed(0)
+    model = TINY_MODELS[arch]()
+    inputs = tiny_inputs(arch)
+    base_logits = model_output(model, inputs)
+    report = inject_adapters(model, LoRAConfig(rank=4, alpha=8, **kw))
+    if trained:  # make B (and DoRA's magnitude) non-zero, as after training
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+    return model, inputs, base_logits, report
+
+
+@pytest.mark.parametrize(("arch", "kw"), ROWS, ids=IDS)
+def test_identity_at_init(arch, kw):
+    model, inputs, base_logits, report = _build(arch, kw, trained=False)
+    assert report.wrapped, "nothing was wrapped"
+    assert max_abs_diff(model_output(model, inputs), base_logits) <= FP32_EXACT
+
+
+@pytest.mark.parametrize(("arch", "kw"), ROWS, ids=IDS)
+def test_only_adapters_train_and_base_is_unchanged(arch, kw):
+    model, inputs, _, _ = _build(arch, kw, trained=False)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".adapters." in n for n in trainable), trainable
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    out = model(**inputs).logits
+    out.float().pow(2).mean().backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), f"frozen parameter {name} changed"
+    counts = trainable_parameters(model)
+    assert counts.trainable == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+
+
+@pytest.mark.parametrize(("arch", "kw"), ROWS, ids=IDS)
+def test_merge_unmerge_eject_and_disable(arch, kw):
+    model, inputs, base_logits, _ = _build(arch, kw)
+    adapted = model_output(model, inputs)
+    # well above rounding noise (tiny random BERT heads give logits of ~1e-2)
+    assert max_abs_diff(adapted, base_logits) > 10 * FP32_EXACT, "a non-zero B must change the output"
+    with disable_adapters(model):
+        assert max_abs_diff(model_output(model, inputs), base_logits) <= FP32_EXACT
+
+    layer = next(m for m in model.modules() if isinstance(m, LoRALayer))
+    w0 = layer.base_layer.weight.detach().clone()
+    merge_adapters(model)
+    merged_w = layer.base_layer.weight.detach().clone()
+    assert max_abs_diff(model_output(model, inputs), adapted) <= FP32_EXACT
+    merge_adapters(model)  # idempotent
+    assert torch.equal(layer.base_layer.weight, merged_w)
+    branch = layer.adapters["default"]
+    expected = branch.variant.merged_weight(branch, w0.T if arch == "gpt2" else w0)
+    got = merged_w.T if arch == "gpt2" else merged_w
+    assert max_abs_diff(got, expected) <= FP32_MERGE_ROUNDTRIP  # W_after == W0 + delta
+    with disable_adapters(model):  # disabling a merged model unmerges for the block
+        assert max_abs_diff(model_output(model, inputs), base_logits) <= FP32_EXACT
+    assert max_abs_diff(model_output(model, inputs), adapted) <= FP32_EXACT
+
+    unmerge_adapters(model)
+    assert max_abs_diff(layer.base_layer.weight, w0) <= FP32_MERGE_ROUNDTRIP
+    assert max_abs_diff(model_output(model, inputs), adapted) <= FP32_EXACT
+
+    plain = eject_adapters(model, merge=True)
+    assert not any(isinstance(m, LoRALayer) for m in plain.modules())
+    assert max_abs_diff(model_output(plain, inputs), adapted) <= FP32_EXACT
+
+
+@pytest.mark.parametrize(("arch", "kw"), ROWS, ids=IDS)
+def test_save_load_roundtrip(arch, kw, tmp_path):
+    model, inputs, _, _ = _build(arch, kw)
+    adapted = model_output(model, inputs)
+    save_adapters(model, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    torch.manual_seed(0)
+    fresh = TINY_MODELS[arch]()
+    load_adapters(fresh, tmp_path)
+    assert max_abs_diff(model_output(fresh, inputs), adapted) <= FP32_EXACT
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+def test_generate_works(arch):
+    model, inputs, _, _ = _build(arch, {})
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == inputs["input_ids"].shape[0] and out.shape[1] >= 4

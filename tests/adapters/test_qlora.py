@@ -1,0 +1,98 @@
+"""QLoRA: LoRA on a bitsandbytes 4-bit (nf4, double-quant) base, on the CPU.
+
+bitsandbytes' CPU backend repacks 4-bit weights (absmax rounded to bf16) on the first
+forward in eval mode without grad, and computes in bf16 from then on; forwards here run
+in train mode (dropout is 0) to stay on the exact fp32-dequantize path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny import tiny_inputs, tiny_llama
+from _tolerances import BF16_COMPUTE, FP32_DEQUANT_MERGE, FP32_EXACT, max_abs_diff
+from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+from tunekit.adapters import (
+    LoRAConfig,
+    LoRALayer,
+    NotMergeableError,
+    eject_adapters,
+    inject_adapters,
+    load_adapters,
+    merge_adapters,
+    save_adapters,
+    trainable_parameters,
+)
+
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    # bitsandbytes' CPU path needs in_features >= its 64-element quantization block
+    tiny_llama(layers=2, hidden_size=64, intermediate_size=128, head_dim=16).save_pretrained(folder)
+    return folder
+
+
+def _load_4bit(folder) -> LlamaForCausalLM:
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    return LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.float32).train()
+
+
+def test_training_reduces_loss_on_4bit_base(tiny_llama_dir):
+    model = _load_4bit(tiny_llama_dir)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    inject_adapters(model, LoRAConfig(rank=8, alpha=16, target_modules="all-linear"))
+    assert isinstance(model.model.layers[0].mlp.down_proj, LoRALayer)
+    # 4-bit params count unpacked, as PEFT does
+    assert trainable_parameters(model).total > sum(p.numel() for p in model.parameters())
+
+    batch = tiny_inputs("llama", batch=4, length=12, seed=3)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_base_weight_reads_repacked_4bit_weights(tiny_llama_dir):
+    from tunekit.adapters.hf.layers import base_weight
+
+    q_proj = _load_4bit(tiny_llama_dir).eval().model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        q_proj(x)  # triggers bitsandbytes' CPU repack (bf16 absmax)
+        assert q_proj.weight.quant_state.packing_format_for_cpu
+        assert max_abs_diff(q_proj(x), x @ base_weight(q_proj).T) <= BF16_COMPUTE
+
+
+def test_merge_refused_eject_dequantizes(tiny_llama_dir, tmp_path):
+    model = _load_4bit(tiny_llama_dir)
+    inject_adapters(model, LoRAConfig(rank=4, init="random"))
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+    with pytest.raises(NotMergeableError, match="eject_adapters"):
+        merge_adapters(model)
+
+    save_adapters(model, tmp_path)  # the adapter also loads back onto a fresh 4-bit base
+    again = _load_4bit(tiny_llama_dir)
+    load_adapters(again, tmp_path)
+    with torch.no_grad():
+        assert max_abs_diff(again(**inputs).logits, adapted) <= FP32_EXACT
+
+    plain = eject_adapters(model, merge=True)
+    q_proj = plain.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert max_abs_diff(plain(**inputs).logits, adapted) <= FP32_DEQUANT_MERGE
