@@ -64,3 +64,40 @@ def tiny_inputs(kind: str, batch: int = 2, length: int = 7, seed: int = 0) -> di
 def model_output(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
+
+
+# Chat template of tiny_tokenizer(): role markers are special tokens, each turn ends with <|end|>.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# The same rendering, with the assistant replies marked by {% generation %} tags.
+TINY_CHAT_TEMPLATE_TAGGED = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+    "<|assistant|>{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}\n"
+    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+TINY_SPECIALS = ["[pad]", "[bos]", "[eos]", "[unk]", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+TINY_CHARS = ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,:;!?'\"-#()")
+
+
+def tiny_tokenizer(chat_template: str | None = TINY_CHAT_TEMPLATE):
+    """Character-level fast tokenizer (ids < VOCAB, pad 0 / bos 1 / eos 2 as the tiny models).
+
+    One token per character (a BPE with no merges), ``[bos]`` prepended, role markers as
+    special tokens; unknown characters map to ``[unk]``.
+    """
+    from tokenizers import Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*TINY_SPECIALS, *TINY_CHARS])}
+    assert len(vocab) <= VOCAB
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[unk]"))
+    core.add_special_tokens(TINY_SPECIALS)
+    core.post_processor = processors.TemplateProcessing(
+        single="[bos] $A", pair="[bos] $A [eos] $B", special_tokens=[("[bos]", 1), ("[eos]", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[pad]", bos_token="[bos]",
+                                  eos_token="[eos]", unk_token="[unk]")
+    tok.chat_template = chat_template
+    return tok

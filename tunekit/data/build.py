@@ -1,0 +1,218 @@
+"""``build_dataset``: config + tokenizer -> tokenized train/eval rows, a collate function, stats.
+
+Pipeline::
+
+    read rows (files / datasets)  ->  [eval_fraction split]  ->  encode per format
+        -> count bad rows by reason  ->  [pack]  ->  TokenizedRows + Collator + DataStats
+
+Bad rows (missing field, empty text, unknown label, invalid JSON line, ...) are
+counted and skipped, never fatal; a source that yields no usable row at all is an
+error naming the source, the field settings and the reasons.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tunekit.data.chat import SkipRow
+from tunekit.data.collate import Collator
+from tunekit.data.config import DataConfig
+from tunekit.data.formats import IGNORE_INDEX, Encoder, Example
+from tunekit.data.packing import pack_examples, train_order
+from tunekit.data.rows import TokenizedRows
+from tunekit.data.sources import BadRow, Row, has_eval_source, read_rows, source_name, split_eval
+
+logger = logging.getLogger("tunekit.data")
+
+
+@dataclass
+class SplitStats:
+    """What happened to the rows of one split."""
+
+    rows_read: int = 0
+    """Rows read from the source (after ``max_rows``, after the eval split)."""
+    rows_used: int = 0
+    """Rows that became examples."""
+    bad_rows: Counter = field(default_factory=Counter)
+    """Skipped rows, counted by reason."""
+    truncated: int = 0
+    """Examples cut to the maximum length."""
+    tokens: int = 0
+    """Input tokens of all examples."""
+    loss_tokens: int = 0
+    """Tokens the loss is computed on (causal LM and seq2seq)."""
+    packed_rows: int | None = None
+    """Rows after packing (``None`` without packing)."""
+
+    def summary(self) -> str:
+        """One line for the log."""
+        text = (f"{self.rows_used}/{self.rows_read} rows used, {self.tokens} tokens "
+                f"({self.loss_tokens} in the loss), {self.truncated} truncated")
+        if self.packed_rows is not None:
+            text += f", packed into {self.packed_rows} rows"
+        if self.bad_rows:
+            text += "; bad rows: " + ", ".join(f"{reason}: {n}" for reason, n in self.bad_rows.most_common())
+        return text
+
+
+@dataclass
+class DataStats:
+    """Statistics of the train split and, when there is one, the eval split."""
+
+    train: SplitStats
+    eval: SplitStats | None = None
+
+    def summary(self) -> str:
+        """Lines for the log."""
+        lines = [f"data train: {self.train.summary()}"]
+        if self.eval is not None:
+            lines.append(f"data eval: {self.eval.summary()}")
+        return "\n".join(lines)
+
+
+@dataclass
+class DataBundle:
+    """What the trainer consumes: rows, how to batch them, and in which order."""
+
+    train: TokenizedRows
+    """Tokenized training rows; ``train[i]`` is a dict of python lists."""
+    eval: TokenizedRows | None
+    """Tokenized evaluation rows, or ``None``."""
+    collate: Collator
+    """``collate(rows) -> dict[str, Tensor]``."""
+    stats: DataStats
+    """Rows read / used / bad by reason, truncation and token counts."""
+    task: str
+    """``causal_lm``, ``seq_cls`` or ``seq2seq``: which model head to train."""
+    label_names: list[str] | None
+    """Class names in label-id order (classification), else ``None``."""
+    group_size: int | None = None
+    """Length-group size used by ``train_order`` (``None``: plain shuffle)."""
+    forward_kwargs: dict = field(default_factory=lambda: {"use_cache": False})
+    """Extra keyword arguments for every training / eval forward. ``use_cache=False`` is required
+    for packed rows: with a cache, transformers skips the packed-sequence mask."""
+
+    def train_order(self, epoch: int, seed: int) -> list[int]:
+        """Indices into ``train`` for one epoch: deterministic per ``(epoch, seed)``, shuffled, or
+        length-grouped when ``group_by_length``. Slice batches from it; resume by skipping."""
+        return train_order(self.train.lengths(), epoch, seed, group_size=self.group_size)
+
+
+def _sort_labels(labels: set[str]) -> list[str]:
+    if all(re.fullmatch(r"-?\d+", label) for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def _infer_labels(cfg: DataConfig, rows: list[Row]) -> list[str]:
+    found = {str(r[cfg.label_field]) for r in rows
+             if isinstance(r, dict) and r.get(cfg.label_field) is not None and str(r[cfg.label_field]).strip()}
+    if not found:
+        raise ValueError(f"data.label_field {cfg.label_field!r}: no labels found in {source_name(cfg, 'train')}; "
+                         f"check the field name or set data.labels")
+    return _sort_labels(found)
+
+
+def label_names_for(cfg: DataConfig) -> list[str] | None:
+    """Class names in label-id order for a classification config, else ``None``.
+
+    Cheap enough to call before loading the model (whose head needs ``num_labels``):
+    ``cfg.labels`` when set, else the sorted distinct labels of the training source
+    (read without a tokenizer). ``build_dataset`` gives the same list.
+    """
+    if cfg.format != "classification":
+        return None
+    return cfg.labels or _infer_labels(cfg, list(read_rows(cfg, "train")))
+
+
+def _encode_rows(rows, encoder: Encoder, stats: SplitStats) -> list[Example]:
+    examples = []
+    for row in rows:
+        stats.rows_read += 1
+        if isinstance(row, BadRow):
+            stats.bad_rows[row.reason] += 1
+            continue
+        try:
+            examples.append(encoder(row))
+        except SkipRow as skip:
+            stats.bad_rows[skip.args[0]] += 1
+    return examples
+
+
+def _store(examples: list[Example], cfg: DataConfig, stats: SplitStats) -> TokenizedRows:
+    """Fill the stats from the examples and store them (packed when configured)."""
+    stats.rows_used = len(examples)
+    stats.truncated = sum(ex.truncated for ex in examples)
+    stats.tokens = sum(len(ex.input_ids) for ex in examples)
+    if cfg.task == "causal_lm":
+        stats.loss_tokens = sum(sum(label != IGNORE_INDEX for label in ex.labels[1:]) for ex in examples)
+    elif cfg.task == "seq2seq":
+        stats.loss_tokens = sum(len(ex.labels) for ex in examples)
+    if cfg.packing:
+        rows = pack_examples(examples, cfg.max_seq_len)
+        stats.packed_rows = len(rows)
+        return rows
+    scalar = cfg.task == "seq_cls"
+    rows = TokenizedRows(("input_ids",) if scalar else ("input_ids", "labels"), ("labels",) if scalar else ())
+    for ex in examples:
+        rows.append(input_ids=ex.input_ids, labels=ex.labels)
+    return rows
+
+
+def _build_split(rows, which: str, cfg: DataConfig, encoder: Encoder) -> tuple[TokenizedRows, SplitStats]:
+    stats = SplitStats()
+    examples = _encode_rows(rows, encoder, stats)
+    if not examples:
+        reasons = ", ".join(f"{r}: {n}" for r, n in stats.bad_rows.most_common(3)) or "no rows"
+        raise ValueError(f"data: no usable rows in {source_name(cfg, which)} (format {cfg.format!r}; "
+                         f"read {stats.rows_read} rows; {reasons}); check the data.*_field settings and the files")
+    return _store(examples, cfg, stats), stats
+
+
+def _pad_id(tokenizer) -> int:
+    # Padding is masked out of attention and loss, so falling back to EOS changes no result.
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("data: the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+    return pad
+
+
+def build_dataset(cfg: DataConfig, tokenizer, *, seed: int = 0) -> DataBundle:
+    """Read, format, tokenize (and pack) the data of ``cfg``.
+
+    Args:
+        cfg: the ``data:`` config.
+        tokenizer: a Hugging Face tokenizer (fast tokenizers for chat templates without
+            ``{% generation %}`` tags).
+        seed: run seed; seeds the ``eval_fraction`` split unless ``cfg.eval_seed`` is set.
+
+    Returns:
+        A ``DataBundle``.
+
+    Raises:
+        ValueError: no usable rows in a source (names it), no labels found, no chat template,
+            a tokenizer without pad/eos token.
+        FileNotFoundError: a listed file does not exist.
+    """
+    pad_id = _pad_id(tokenizer)
+    train_rows = read_rows(cfg, "train")
+    eval_rows = read_rows(cfg, "eval") if has_eval_source(cfg) else None
+    label_names = None
+    if cfg.format == "classification":
+        train_rows = list(train_rows)
+        label_names = cfg.labels or _infer_labels(cfg, train_rows)
+    if cfg.eval_fraction is not None:
+        split_seed = seed if cfg.eval_seed is None else cfg.eval_seed
+        train_rows, eval_rows = split_eval(list(train_rows), cfg.eval_fraction, split_seed)
+    encoder = Encoder(cfg, tokenizer, {name: i for i, name in enumerate(label_names or [])})
+    train, train_stats = _build_split(train_rows, "train", cfg, encoder)
+    evaluation, eval_stats = _build_split(eval_rows, "eval", cfg, encoder) if eval_rows is not None else (None, None)
+    stats = DataStats(train_stats, eval_stats)
+    skipped = train_stats.bad_rows or (eval_stats is not None and eval_stats.bad_rows)
+    logger.log(logging.WARNING if skipped else logging.INFO, stats.summary())
+    return DataBundle(train=train, eval=evaluation, collate=Collator(pad_id, cfg.task), stats=stats,
+                      task=cfg.task, label_names=label_names,
+                      group_size=cfg.length_group_size if cfg.group_by_length else None)

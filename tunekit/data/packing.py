@@ -1,0 +1,97 @@
+"""Packing examples into rows, and the order the trainer visits rows in.
+
+Packing (best-fit decreasing): examples are taken longest first, and each goes into
+the open row whose free room is the smallest that still fits it (a new row when
+none does), so rows come out nearly full::
+
+    row 0: [ex 7 (900) | ex 2 (100) | ex 5 (24)]            <= max_seq_len = 1024
+    position_ids: 0 .. 899, 0 .. 99, 0 .. 23
+
+Position ids restart at 0 for every example. With no ``attention_mask`` in the
+batch, transformers' ``masking_utils.find_packed_sequence_indices`` reads the
+restarts as sequence boundaries and builds a block-diagonal causal mask (sdpa,
+eager and flash-attention alike), so no token attends to another example. The
+first label of every example is set to -100: after the model's label shift it
+would be predicted from the previous example's last token. With those two
+pieces the packed loss (a mean over label tokens) equals the unpacked one.
+
+Length grouping is the alternative to packing: ``train_order`` shuffles, cuts the
+order into groups of ``group_size`` rows, and sorts each group by length, so
+batches sliced from the order hold rows of similar length (the scheme of
+transformers' ``LengthGroupedSampler``, with the batch size left to the trainer).
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_left, insort
+
+from tunekit.data.formats import IGNORE_INDEX, Example
+from tunekit.data.rows import TokenizedRows
+
+
+def pack_groups(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Group example indices into rows of at most ``capacity`` tokens (best-fit decreasing).
+
+    Args:
+        lengths: tokens per example; each must be ``<= capacity``.
+        capacity: tokens per packed row.
+
+    Returns:
+        Lists of example indices, one list per packed row; every index appears once.
+    """
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"an example is longer than the packing capacity {capacity}")
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted: bisect finds the best fit
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = bisect_left(free, (lengths[i], -1))
+        if k < len(free):
+            room, r = free.pop(k)
+        else:
+            room, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room > lengths[i]:
+            insort(free, (room - lengths[i], r))
+    return rows
+
+
+def pack_examples(examples: list[Example], capacity: int) -> TokenizedRows:
+    """Concatenate causal-LM examples into packed rows with restarting ``position_ids``."""
+    packed = TokenizedRows(("input_ids", "labels", "position_ids"))
+    for group in pack_groups([len(ex.input_ids) for ex in examples], capacity):
+        ids, labels, positions = [], [], []
+        for i in group:
+            ex = examples[i]
+            ids += ex.input_ids
+            labels += [IGNORE_INDEX, *ex.labels[1:]]
+            positions += range(len(ex.input_ids))
+        packed.append(input_ids=ids, labels=labels, position_ids=positions)
+    return packed
+
+
+def train_order(lengths: list[int], epoch: int, seed: int, *, group_size: int | None = None) -> list[int]:
+    """The row indices of one epoch, in visiting order; a pure function of its arguments.
+
+    Args:
+        lengths: tokens per row.
+        epoch: epoch number (each epoch gets its own shuffle).
+        seed: run seed.
+        group_size: if set, sort each consecutive group of this many shuffled rows by
+            length (longest first) and put the group holding the longest row first, so
+            an out-of-memory batch shows up at the first step.
+
+    Returns:
+        A permutation of ``range(len(lengths))``.
+    """
+    order = list(range(len(lengths)))
+    # A str seed is hashed with SHA-512 by `random`: the same order on every run and platform.
+    random.Random(f"tunekit-order:{seed}:{epoch}").shuffle(order)
+    if group_size is None:
+        return order
+    groups = [sorted(order[s: s + group_size], key=lambda i: -lengths[i]) for s in range(0, len(order), group_size)]
+    if groups:
+        longest = max(range(len(groups)), key=lambda g: lengths[groups[g][0]])
+        groups.insert(0, groups.pop(longest))
+    return [i for group in groups for i in group]
