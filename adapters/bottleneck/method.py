@@ -110,9 +110,16 @@ class BottleneckMethod(AdapterMethod):
 
         def make_adapter(base: nn.Module) -> BottleneckBranch:
             device, dtype = _param_spec(base)
-            return BottleneckBranch(*_features(model, base, cfg.variant), cfg, device=device, dtype=dtype)
+            branch = BottleneckBranch(*_features(model, base, cfg.variant), cfg, device=device, dtype=dtype)
+            return branch.train(base.training)
 
-        return wrap_targets(model, found, adapter_name, wrapper_cls, make_adapter)
+        wrapped = wrap_targets(model, found, adapter_name, wrapper_cls, make_adapter)
+        for name in wrapped:
+            # New modules start in train mode; follow the model's mode, or adapter dropout
+            # would stay on in an eval()'d model.
+            host = model.get_submodule(name)
+            host.training = host.adapters.training = host.base_layer.training
+        return wrapped
 
     def export_state(self, model: nn.Module, adapter_name: str, cfg: BottleneckConfig) -> dict[str, torch.Tensor]:
         return host_state(model, adapter_name, HOST_TYPES)
