@@ -1,14 +1,33 @@
 """tunekit.kernels: math on tensors, each op with a pure-PyTorch reference.
 
-Knows no model; imports torch (and triton, lazily, when a Triton backend is used).
+Knows no model; imports torch only (triton lazily, when a Triton backend is
+chosen for a call). Every public op picks its backend per call
+(``tunekit.kernels._dispatch``): Triton for CUDA tensors, the reference
+otherwise, or whatever ``use_backend(...)`` forces.
 """
 
-from tunekit.kernels.fused_lora.reference import lora_linear_ref
+from tunekit.kernels._dispatch import backend, use_backend
+from tunekit.kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
+from tunekit.kernels.fused_lora import lora_linear, lora_linear_ref
+from tunekit.kernels.rmsnorm import rmsnorm, rmsnorm_ref
+from tunekit.kernels.rope import rope, rope_ref
+from tunekit.kernels.swiglu import geglu, geglu_ref, glu, glu_ref, swiglu, swiglu_ref
 
-
-def lora_linear(x, weight, bias, lora_a, lora_b, scaling):
-    """LoRA linear ``x Wᵀ + b + s·(x Aᵀ) Bᵀ``; dispatches to the fused kernel where one applies."""
-    return lora_linear_ref(x, weight, bias, lora_a, lora_b, scaling)
-
-
-__all__ = ["lora_linear", "lora_linear_ref"]
+__all__ = [
+    "backend",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_ref",
+    "geglu",
+    "geglu_ref",
+    "glu",
+    "glu_ref",
+    "lora_linear",
+    "lora_linear_ref",
+    "rmsnorm",
+    "rmsnorm_ref",
+    "rope",
+    "rope_ref",
+    "swiglu",
+    "swiglu_ref",
+    "use_backend",
+]
