@@ -1,0 +1,115 @@
+"""Optimizer and learning-rate schedule registries.
+
+Optimizers are picked by name from ``OPTIMIZERS``; the bitsandbytes ones are
+imported only when chosen. Only parameters with ``requires_grad`` are given
+to the optimizer (a frozen base costs no optimizer state), split into two
+groups: matrices get weight decay, 1-D tensors (biases, norm weights) do not.
+
+Schedules are multipliers of the peak lr as a function of the optimizer
+step ``s`` (0-based: the lr used by step ``s + 1``), with ``w`` warmup steps
+and ``T`` steps in all (the formulas of transformers' ``get_*_schedule``)::
+
+    warmup    s < w :  s / w
+    linear          :  max(0, (T - s) / (T - w))
+    cosine          :  max(0, 0.5 * (1 + cos(pi * (s - w) / (T - w))))
+    constant        :  1
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from tunekit.train.config import TrainConfig
+
+
+def _param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for p in params:
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _bnb_optim(name: str) -> Callable[..., torch.optim.Optimizer]:
+    try:
+        import bitsandbytes.optim as bnb_optim
+    except ImportError as e:
+        raise ImportError(f"train.optimizer needs bitsandbytes ({e}); pip install bitsandbytes or use 'adamw'") from None
+    return getattr(bnb_optim, name)
+
+
+def _adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _adamw_8bit(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    return _bnb_optim("AdamW8bit")(groups, lr=cfg.lr)
+
+
+def _paged_adamw_8bit(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    return _bnb_optim("PagedAdamW8bit")(groups, lr=cfg.lr)
+
+
+def _sgd(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=cfg.lr)
+
+
+OPTIMIZERS: dict[str, Callable[[list[dict], TrainConfig], torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    "adamw_8bit": _adamw_8bit,
+    "paged_adamw_8bit": _paged_adamw_8bit,
+    "sgd": _sgd,
+}
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` over ``model``'s trainable parameters.
+
+    Raises:
+        ValueError: nothing in ``model`` requires grad.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; inject_adapters() first or unfreeze some weights")
+    return OPTIMIZERS[cfg.optimizer](_param_groups(params, cfg.weight_decay), cfg)
+
+
+def _warmup(step: int, warmup: int) -> float | None:
+    return step / max(1, warmup) if step < warmup else None
+
+
+def linear_schedule(step: int, warmup: int, total: int) -> float:
+    w = _warmup(step, warmup)
+    return w if w is not None else max(0.0, (total - step) / max(1, total - warmup))
+
+
+def cosine_schedule(step: int, warmup: int, total: int) -> float:
+    w = _warmup(step, warmup)
+    if w is not None:
+        return w
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def constant_schedule(step: int, warmup: int, total: int) -> float:
+    w = _warmup(step, warmup)
+    return w if w is not None else 1.0
+
+
+SCHEDULES: dict[str, Callable[[int, int, int], float]] = {
+    "linear": linear_schedule,
+    "cosine": cosine_schedule,
+    "constant": constant_schedule,
+}
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` following ``cfg.scheduler`` with warmup, for ``total_steps`` optimizer steps."""
+    fn, warmup = SCHEDULES[cfg.scheduler], cfg.warmup_for(total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: fn(step, warmup, total_steps))

@@ -1,0 +1,322 @@
+"""``Trainer``: one training loop for every adapter method, task and precision.
+
+Per optimizer step::
+
+    order  = data.train_order(epoch, seed)          deterministic, so resume is exact
+    window = next grad_accum_steps micro-batches    of batch_size rows each
+    for each micro-batch i (no gradient sync but on the last):
+        loss_i = model(**batch_i).loss              under accelerate's autocast
+        backward(loss_i * n_i / sum(n))             token-weighted mean (see loss.py)
+    clip grad norm -> optimizer.step -> scheduler.step -> zero_grad
+    log / evaluate / early-stop / checkpoint        as configured
+
+accelerate provides autocast, fp16 loss scaling and gradient unscaling for
+clipping; it does not wrap or shard the model. Distribution strategies come
+in through ``wrap_model``, called before the optimizer is built. Its
+accumulation helper is not used either: it divides every micro-batch loss by
+N (a mean of means, wrong when micro-batches hold different numbers of
+targets) and cannot see the short last window of an epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunekit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from tunekit.train.config import TrainConfig
+from tunekit.train.logging import RunLogger
+from tunekit.train.loss import TASKS, EvalMeter, batch_tokens, fused_loss_fn, model_loss, target_count
+from tunekit.train.optim import build_optimizer, build_scheduler
+from tunekit.train.runtime import make_accelerator, peak_memory_mib
+from tunekit.train.signals import StopOnSignal
+
+# Fields that may change between a run and its resumption without changing the trajectory.
+_RESUME_FREE = {"resume", "max_steps", "epochs", "eval_every", "save_every", "keep_last", "log_every", "tensorboard",
+                "early_stopping_patience", "eval_batch_size"}
+
+
+@dataclass
+class Progress:
+    """Where a run is; saved in every checkpoint's ``progress.json``."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    best_metrics: dict[str, float] | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    """What ``Trainer.fit`` returns. Metrics dicts are ``Trainer.evaluate`` outputs."""
+
+    global_step: int
+    epochs_completed: float
+    final_metrics: dict[str, float] | None
+    best_metrics: dict[str, float] | None
+    best_step: int | None
+    history: list[dict[str, Any]]
+    output_dir: Path
+    metrics_file: Path
+    checkpoint_dir: Path | None
+    tokens_per_second: float
+    train_seconds: float
+    peak_memory_mib: float
+    stopped_early: bool = False
+    interrupted: bool = False
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        lines = [
+            f"steps {self.global_step} ({self.epochs_completed:.2f} epochs) in {self.train_seconds:.1f} s, "
+            f"{self.tokens_per_second:.0f} tokens/s, peak memory {self.peak_memory_mib:.0f} MiB",
+        ]
+        if self.final_metrics:
+            lines.append("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in self.final_metrics.items()))
+        if self.stopped_early:
+            lines.append(f"stopped early (best at step {self.best_step})")
+        if self.interrupted:
+            lines.append(f"interrupted: resume from {self.checkpoint_dir}")
+        return "\n".join(lines)
+
+
+class Trainer:
+    """Trains ``model`` on ``data`` as ``cfg`` says; checkpoints and logs under ``output_dir``.
+
+    Args:
+        model: a Hugging Face model (adapters injected, base frozen) whose forward takes the
+            collated batch and returns ``.loss`` and ``.logits``.
+        data: a DataBundle (duck-typed): ``train`` and ``eval`` (sized sequences of rows, eval may be
+            None), ``collate(rows) -> dict[str, Tensor]``, ``train_order(epoch, seed) -> list[int]``,
+            ``task`` ("causal_lm" | "seq_cls" | "seq2seq").
+        cfg: the training config.
+        output_dir: run folder: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``.
+        wrap_model: ``wrap(model) -> model`` for a distribution strategy, called before the
+            optimizer is built (so it sees the wrapped parameters).
+        metric_fn: ``fn(logits, batch) -> {name: per-row mean}`` for extra eval metrics.
+    """
+
+    def __init__(
+        self, model: nn.Module, data: Any, cfg: TrainConfig, output_dir: str | Path, *,
+        wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+        metric_fn: Callable[[torch.Tensor, dict], dict[str, float]] | None = None,
+    ) -> None:
+        if getattr(data, "task", None) not in TASKS:
+            raise ValueError(f"data.task is {getattr(data, 'task', None)!r}; the trainer supports {list(TASKS)}")
+        if len(data.train) == 0:
+            raise ValueError("the training set is empty; check the data section of the config")
+        self.model, self.data, self.cfg, self.metric_fn = model, data, cfg, metric_fn
+        self.output_dir = Path(output_dir)
+        self.accelerator = make_accelerator(cfg.mixed_precision)
+        self._loss_fn = fused_loss_fn(data.task) if cfg.fused_cross_entropy else model_loss
+        self._setup_model(wrap_model)
+        micro_batches = math.ceil(len(data.train) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum_steps)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        optimizer = build_optimizer(self.wrapped, cfg)
+        self.scheduler = build_scheduler(optimizer, cfg, self.total_steps)
+        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+        self._pending: list[dict[str, float]] = []  # step metrics since the last train log line
+        self._last_save: Path | None = None
+
+    def _setup_model(self, wrap_model: Callable[[nn.Module], nn.Module] | None) -> None:
+        if self.cfg.gradient_checkpointing:
+            if not getattr(self.model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"{type(self.model).__name__} does not support gradient checkpointing; "
+                                 "set train.gradient_checkpointing=false")
+            # Non-reentrant checkpointing gives grads to adapters even though the frozen inputs need none.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.to(self.accelerator.device)
+        self.wrapped = wrap_model(self.model) if wrap_model is not None else self.model
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def windows(self, epoch: int, start: int = 0) -> list[list[list[int]]]:
+        """Row indices of each optimizer step of ``epoch`` from step ``start``: [step][micro-batch][row]."""
+        order = list(self.data.train_order(epoch, self.cfg.seed))
+        b, a = self.cfg.batch_size, self.cfg.grad_accum_steps
+        micro = [order[i : i + b] for i in range(0, len(order), b)]
+        return [micro[i : i + a] for i in range(0, len(micro), a)][start:]
+
+    def train_step(self, window: list[list[int]]) -> dict[str, float]:
+        """One optimizer step over the micro-batches of ``window``; returns loss, grad_norm, lr, tokens."""
+        self.wrapped.train()
+        batches = [self._to_device(self.data.collate([self.data.train[i] for i in rows])) for rows in window]
+        counts = [target_count(b, self.data.task) for b in batches]
+        live = [(b, n) for b, n in zip(batches, counts) if n > 0]  # an all-masked batch has a 0/0 loss
+        total, loss_sum = max(1, sum(counts)), 0.0
+        for i, (batch, n) in enumerate(live):
+            last = i == len(live) - 1
+            # Only the last micro-batch all-reduces gradients (a no-op without a DDP wrapper).
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped):
+                with self.accelerator.autocast():
+                    loss = self._loss_fn(self.wrapped, batch)
+                self.accelerator.backward(loss * (n / total))
+            loss_sum += float(loss.detach()) * n
+        grad_norm = self._clip()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the step did not happen
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum / total, "grad_norm": grad_norm, "lr": lr,
+                "tokens": sum(batch_tokens(b) for b in batches)}
+
+    def _clip(self) -> float:
+        params = [p for p in self.wrapped.parameters() if p.requires_grad]
+        if self.cfg.max_grad_norm is None:
+            grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+            return float(torch.stack(grads).norm()) if grads else 0.0
+        return float(self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss over ``data.eval`` (target-weighted) plus perplexity (LM) or accuracy (seq_cls).
+
+        Raises:
+            ValueError: the data has no eval split.
+        """
+        rows = self.data.eval
+        if rows is None or len(rows) == 0:
+            raise ValueError("no eval data: set data.eval_files, data.eval_split or data.eval_fraction")
+        meter, size = EvalMeter(self.data.task, self.metric_fn), self.cfg.eval_batch_size or self.cfg.batch_size
+        was_training = self.wrapped.training
+        self.wrapped.eval()
+        for start in range(0, len(rows), size):
+            batch = self._to_device(self.data.collate([rows[i] for i in range(start, min(start + size, len(rows)))]))
+            with self.accelerator.autocast():
+                out = self.wrapped(**batch)
+            meter.add(batch, out.loss.float(), out.logits.float())
+        self.wrapped.train(was_training)
+        return meter.result()
+
+    def _has_eval(self) -> bool:
+        return self.data.eval is not None and len(self.data.eval) > 0
+
+    def fit(self) -> TrainResult:
+        """Train to ``total_steps`` (or early stop / signal), evaluating and checkpointing as configured."""
+        progress = self._start()
+        log = RunLogger(self.output_dir, self.total_steps, progress.global_step, tensorboard=self.cfg.tensorboard,
+                        enabled=self.accelerator.is_main_process)
+        self._pending.clear()
+        session_t0 = time.perf_counter() - progress.train_seconds
+        try:
+            with StopOnSignal() as stop:
+                while self._running(progress, stop):
+                    for window in self.windows(progress.epoch, progress.step_in_epoch):
+                        self._pending.append(self.train_step(window))
+                        progress.global_step += 1
+                        progress.step_in_epoch += 1
+                        progress.tokens += self._pending[-1]["tokens"]
+                        progress.train_seconds = time.perf_counter() - session_t0
+                        self._after_step(progress, log, stop)
+                        if not self._running(progress, stop):
+                            break
+                    else:
+                        progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+                if stop.requested:
+                    log.message(f"{stop.signal_name}: stopping after step {progress.global_step}")
+            return self._finish(progress, log, interrupted=stop.requested)
+        finally:
+            log.close()
+
+    def _running(self, progress: Progress, stop: StopOnSignal) -> bool:
+        return progress.global_step < self.total_steps and not progress.stopped_early and not stop.requested
+
+    def _after_step(self, progress: Progress, log: RunLogger, stop: StopOnSignal) -> None:
+        step, cfg = progress.global_step, self.cfg
+        if step % cfg.log_every == 0 or step == self.total_steps:
+            means = {k: sum(m[k] for m in self._pending) / len(self._pending) for k in ("loss", "grad_norm")}
+            epoch = progress.epoch + progress.step_in_epoch / self.steps_per_epoch
+            tokens_per_s = progress.tokens / max(progress.train_seconds, 1e-9)
+            record = {"epoch": round(epoch, 4), **means, "lr": self._pending[-1]["lr"], "tokens_per_s": tokens_per_s}
+            progress.history.append(log.log("train", step, record))
+            self._pending.clear()
+        log.advance(step)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps and self._has_eval():
+            self._evaluate_and_track(progress, log)
+        if (cfg.save_every and step % cfg.save_every == 0) or stop.requested:
+            self._save(progress)
+
+    def _evaluate_and_track(self, progress: Progress, log: RunLogger) -> dict[str, float]:
+        metrics = self.evaluate()
+        progress.history.append(log.log("eval", progress.global_step, metrics))
+        key = self.cfg.early_stopping_metric
+        if key not in metrics:
+            raise ValueError(f"train.early_stopping_metric={key!r} is not an eval metric; choose from {sorted(metrics)}")
+        best = progress.best_metrics
+        sign = 1.0 if self.cfg.lower_is_better() else -1.0
+        if best is None or sign * metrics[key] < sign * best[key]:
+            progress.best_metrics, progress.best_step, progress.bad_evals = metrics, progress.global_step, 0
+        else:
+            progress.bad_evals += 1
+            patience = self.cfg.early_stopping_patience
+            if patience and progress.bad_evals >= patience:
+                progress.stopped_early = True
+                log.message(f"early stopping: {key} did not improve for {patience} evaluations "
+                            f"(best {best[key]:.4g} at step {progress.best_step})")
+        return metrics
+
+    def _save(self, progress: Progress) -> None:
+        if self._last_save is not None and self._last_save.name == f"step-{progress.global_step}":
+            return
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self._last_save = save_checkpoint(
+                self.output_dir / "checkpoints", progress.global_step, model=self.model, optimizer=self.optimizer,
+                scheduler=self.scheduler, progress=asdict(progress), config=self.cfg.model_dump(),
+                keep_last=self.cfg.keep_last,
+            )
+
+    def _start(self) -> Progress:
+        """Fresh progress, or the state of the checkpoint ``cfg.resume`` points at (weights, optimizer, RNG)."""
+        folder = resolve_resume(self.cfg.resume, self.output_dir)
+        if folder is None:
+            return Progress()
+        saved = load_checkpoint(folder, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        progress = Progress(**saved)
+        saved_cfg = json.loads((folder / "config.json").read_text())
+        changed = sorted(k for k, v in self.cfg.model_dump().items() if k not in _RESUME_FREE and saved_cfg.get(k) != v)
+        if changed and self.accelerator.is_main_process:
+            print(f"resuming from {folder} with changed settings {changed}: the run will not match an uninterrupted one")
+        elif self.accelerator.is_main_process:
+            print(f"resuming from {folder} at step {progress.global_step}")
+        return progress
+
+    def _finish(self, progress: Progress, log: RunLogger, interrupted: bool) -> TrainResult:
+        final = None
+        if self._has_eval() and not interrupted:
+            last = progress.history[-1] if progress.history else {}
+            if last.get("split") == "eval" and last["step"] == progress.global_step:  # early stop just evaluated
+                final = {k: v for k, v in last.items() if k not in ("split", "step")}
+            else:
+                final = self._evaluate_and_track(progress, log)
+        if interrupted or self.cfg.save_every:
+            self._save(progress)
+        result = TrainResult(
+            global_step=progress.global_step,
+            epochs_completed=progress.epoch + progress.step_in_epoch / self.steps_per_epoch,
+            final_metrics=final, best_metrics=progress.best_metrics, best_step=progress.best_step,
+            history=progress.history, output_dir=self.output_dir, metrics_file=log.path,
+            checkpoint_dir=self._last_save, tokens_per_second=progress.tokens / max(progress.train_seconds, 1e-9),
+            train_seconds=progress.train_seconds, peak_memory_mib=peak_memory_mib(),
+            stopped_early=progress.stopped_early, interrupted=interrupted,
+        )
+        log.message(result.summary())
+        return result
