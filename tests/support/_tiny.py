@@ -71,10 +71,11 @@ TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-# The same rendering, with the assistant replies marked by {% generation %} tags.
+# The same rendering, with the assistant replies marked by {% generation %} tags (the newline is an
+# expression because transformers renders with trim_blocks, which eats a newline after a block tag).
 TINY_CHAT_TEMPLATE_TAGGED = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
-    "<|assistant|>{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}\n"
+    "<|assistant|>{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}{{ '\\n' }}"
     "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
@@ -101,3 +102,35 @@ def tiny_tokenizer(chat_template: str | None = TINY_CHAT_TEMPLATE):
                                   eos_token="[eos]", unk_token="[unk]")
     tok.chat_template = chat_template
     return tok
+
+
+def write_rows(path, rows: list[dict]):
+    """Write ``rows`` to ``path`` in the format its extension names (json, jsonl, csv, parquet, txt).
+
+    ``txt`` writes each row's single value as one line. Returns ``str(path)``.
+    """
+    import csv
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    suffix = path.suffix
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    elif suffix == ".txt":
+        path.write_text("".join(next(iter(r.values())) + "\n" for r in rows), encoding="utf-8")
+    elif suffix == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        raise ValueError(f"write_rows: unknown extension {suffix!r}")
+    return str(path)
