@@ -30,6 +30,8 @@ from tunekit.adapters.config import AdapterConfig
 from tunekit.adapters.host import AdapterHost, AdapterLayer, ModulesToSave, NotMergeableError
 from tunekit.adapters.injection import InjectionReport
 from tunekit.adapters.lora import LoRAConfig, LoRALayer
+from tunekit.adapters.prefix import PrefixConfig, fold_prefix
+from tunekit.adapters.prompt import PromptConfig
 from tunekit.adapters.registry import METHODS, AdapterMethod, register_method
 from tunekit.adapters.serialization import adapter_state_dict, load_adapters, read_adapter_config, save_adapters
 
@@ -47,6 +49,8 @@ __all__ = [
     "NotMergeableError",
     "ParallelBottleneck",
     "ParamCount",
+    "PrefixConfig",
+    "PromptConfig",
     "SerialBottleneck",
     "active_adapters",
     "adapter_configs",
@@ -54,6 +58,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "eject_adapters",
+    "fold_prefix",
     "inject_adapters",
     "load_adapters",
     "mark_only_adapters_trainable",
