@@ -17,10 +17,10 @@ ROWS = [{"instruction": "say hi", "output": "hi there"}, {"instruction": "add 1 
         {"instruction": "why?", "output": "because."}]
 
 
-def _bundle(tmp_path, packing: bool, max_seq_len: int = 64):
+def _bundle(tmp_path, packing: bool, max_seq_len: int = 64, mask_prompt: bool = True):
     cfg = DataConfig(train_files=[write_rows(tmp_path / "a.jsonl", ROWS)], format="instruction",
                      prompt_template="{prompt}: {input}>", prompt_template_no_input="{prompt}>",
-                     packing=packing, max_seq_len=max_seq_len)
+                     packing=packing, max_seq_len=max_seq_len, mask_prompt=mask_prompt)
     return build_dataset(cfg, tiny_tokenizer())
 
 
@@ -52,10 +52,12 @@ def test_packed_rows_restart_positions_and_mask_first_labels(tmp_path):
     assert "attention_mask" not in batch and batch["position_ids"].shape == batch["input_ids"].shape
 
 
+@pytest.mark.parametrize("mask_prompt", [True, False], ids=["masked-prompt", "all-tokens"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_loss_equals_unpacked(tmp_path, attn):
+def test_packed_loss_equals_unpacked(tmp_path, attn, mask_prompt):
+    """With every token trained on, this also needs each example's first label masked in packed rows."""
     model = tiny_llama(attn_implementation=attn)
-    plain, packed = _bundle(tmp_path, False), _bundle(tmp_path, True)
+    plain, packed = _bundle(tmp_path, False, mask_prompt=mask_prompt), _bundle(tmp_path, True, mask_prompt=mask_prompt)
     assert 1 < len(packed.train) < len(plain.train)  # several packed rows: the padded tail is covered too
     with torch.no_grad():
         loss_plain = model(**plain.collate(plain.train[:]), **plain.forward_kwargs).loss

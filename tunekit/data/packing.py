@@ -39,6 +39,10 @@ def pack_groups(lengths: list[int], capacity: int) -> list[list[int]]:
 
     Returns:
         Lists of example indices, one list per packed row; every index appears once.
+
+    Example:
+        >>> pack_groups([6, 4, 3, 3, 2, 2], capacity=10)
+        [[0, 1], [2, 3, 4, 5]]
     """
     if any(n > capacity for n in lengths):
         raise ValueError(f"an example is longer than the packing capacity {capacity}")
@@ -84,6 +88,13 @@ def train_order(lengths: list[int], epoch: int, seed: int, *, group_size: int | 
 
     Returns:
         A permutation of ``range(len(lengths))``.
+
+    Example:
+        >>> order = train_order([5, 1, 9, 2], epoch=0, seed=0, group_size=2)
+        >>> sorted(order), order == train_order([5, 1, 9, 2], epoch=0, seed=0, group_size=2)
+        ([0, 1, 2, 3], True)
+        >>> order[0]  # the longest row leads
+        2
     """
     order = list(range(len(lengths)))
     # A str seed is hashed with SHA-512 by `random`: the same order on every run and platform.
