@@ -18,3 +18,7 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 FP32_DEQUANT_MERGE = 1e-4
 # bitsandbytes' CPU 4-bit path computes in bf16 after its repack.
 BF16_COMPUTE = 5e-3
+
+# flash_attention's fp32 log-sum-exp vs the fp32 oracle's, by input dtype (inputs rounded to fp16
+# shift the scores by ~1e-3 relative).
+FLASH_LSE = {torch.float32: 1e-5, torch.float16: 1e-3}
