@@ -140,7 +140,12 @@ class Trainer:
                 raise ValueError(f"{type(self.model).__name__} does not support gradient checkpointing; "
                                  "set train.gradient_checkpointing=false")
             # Non-reentrant checkpointing gives grads to adapters even though the frozen inputs need none.
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5.x renamed gradient_checkpointing_enable (deprecated alias) to activation_*.
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.to(self.accelerator.device)
         self.wrapped = wrap_model(self.model) if wrap_model is not None else self.model
 
