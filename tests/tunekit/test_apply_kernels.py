@@ -1,0 +1,119 @@
+"""apply_kernels / revert_kernels on tiny HF models, and fused_causal_lm_loss vs ``model(...).loss``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny import VOCAB, tiny_gpt2, tiny_inputs, tiny_llama
+from _tolerances import FP32_EXACT, max_abs_diff
+from transformers import GemmaConfig, GemmaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from tunekit.adapters import inject_adapters
+from tunekit.adapters.lora import LoRAConfig
+from tunekit.kernels import use_backend
+from tunekit.models.kernels import (
+    TunekitGatedMLP,
+    TunekitRMSNorm,
+    apply_kernels,
+    fused_causal_lm_loss,
+    revert_kernels,
+)
+
+_SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=128, pad_token_id=0)
+
+
+def tiny_gemma():
+    return GemmaForCausalLM(GemmaConfig(**_SMALL)).eval()
+
+
+def tiny_qwen3():
+    return Qwen3ForCausalLM(Qwen3Config(**_SMALL)).eval()
+
+
+def _batch():
+    batch = tiny_inputs("llama", batch=2, length=7)
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    return {**batch, "labels": labels}
+
+
+def _loss_and_grads(model, batch, loss_fn=None):
+    loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss, torch.autograd.grad(loss, params)
+
+
+def _assert_same(a, b, tol=FP32_EXACT):
+    (la, ga), (lb, gb) = a, b
+    assert max_abs_diff(la, lb) <= tol
+    assert len(ga) == len(gb) and all(max_abs_diff(x, y) <= tol for x, y in zip(ga, gb))
+
+
+@pytest.mark.parametrize("factory,norms", [(tiny_llama, 5), (tiny_gemma, 3), (tiny_qwen3, 5)])
+def test_apply_kernels_keeps_loss_grads_and_parameters(factory, norms):
+    model, batch = factory(), _batch()
+    stock = _loss_and_grads(model, batch)
+    keys = list(model.state_dict())
+    report = apply_kernels(model)
+    assert len(report.swapped["rmsnorm"]) == norms  # qwen3 also has q_norm / k_norm
+    assert all(type(model.get_submodule(n)) is TunekitRMSNorm for n in report.swapped["rmsnorm"])
+    assert all(type(model.get_submodule(n)) is TunekitGatedMLP for n in report.swapped["swiglu"])
+    assert list(model.state_dict()) == keys
+    _assert_same(_loss_and_grads(model, batch), stock)
+    assert revert_kernels(model) == norms + len(report.swapped["swiglu"])
+    assert not any(isinstance(m, (TunekitRMSNorm, TunekitGatedMLP)) for m in model.modules())
+    _assert_same(_loss_and_grads(model, batch), stock)
+
+
+def test_apply_kernels_under_the_triton_interpreter_matches_stock():
+    model, batch = tiny_llama(layers=1), _batch()
+    stock = _loss_and_grads(model, batch)
+    apply_kernels(model)
+    with use_backend("interpret"):
+        _assert_same(_loss_and_grads(model, batch), stock)
+
+
+def test_lora_on_mlp_projections_survives_apply_and_revert():
+    model, batch = tiny_llama(layers=1), _batch()
+    inject_adapters(model, LoRAConfig(rank=4, target_modules=["gate_proj", "down_proj"], init="random"))
+    stock = _loss_and_grads(model, batch)
+    apply_kernels(model)
+    _assert_same(_loss_and_grads(model, batch), stock)
+    revert_kernels(model)
+    assert type(model.model.layers[0].mlp.gate_proj).__name__ == "LoRALayer"
+    _assert_same(_loss_and_grads(model, batch), stock)
+
+
+def test_rope_is_reported_not_swapped_and_bad_input_is_a_clear_error():
+    report = apply_kernels(tiny_llama(layers=1), ops=("rmsnorm", "rope"))
+    assert "monkey-patching" in report.skipped["rope"] and "rope not swapped" in str(report)
+    with pytest.raises(ValueError, match="do not support model_type 'gpt2'"):
+        apply_kernels(tiny_gpt2())
+    with pytest.raises(ValueError, match="unknown kernel ops"):
+        apply_kernels(tiny_llama(layers=1), ops=("layernorm",))
+    model = tiny_llama(layers=1)
+    apply_kernels(model)
+    with pytest.raises(ValueError, match="already applied"):
+        apply_kernels(model)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gemma])  # gemma ties lm_head to the embeddings
+def test_fused_causal_lm_loss_equals_model_loss(factory):
+    model, batch = factory(), _batch()
+    _assert_same(_loss_and_grads(model, batch, fused_causal_lm_loss), _loss_and_grads(model, batch))
+
+
+def test_fused_causal_lm_loss_with_lora_on_lm_head():
+    model, batch = tiny_llama(), _batch()
+    inject_adapters(model, LoRAConfig(rank=4, target_modules=["lm_head", "q_proj"], init="random"))
+    fused = _loss_and_grads(model, batch, fused_causal_lm_loss)
+    assert len(fused[1]) == 6  # lora A/B on lm_head and on two q_proj
+    _assert_same(fused, _loss_and_grads(model, batch))
+
+
+def test_fused_causal_lm_loss_refuses_dora_on_lm_head():
+    model = tiny_llama(layers=1)
+    inject_adapters(model, LoRAConfig(rank=4, target_modules=["lm_head"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA"):
+        fused_causal_lm_loss(model, _batch())
