@@ -60,8 +60,8 @@ class BottleneckBranch(nn.Module):
         self.adapter_up = nn.Linear(size, out_features, device=device, dtype=dtype)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.linear = cfg.linear
-        self.scaling = 1.0 if cfg.scaling == "learned" else float(cfg.scaling)
-        if cfg.scaling == "learned":
+        self.scaling = None if cfg.scaling == "learned" else float(cfg.scaling)
+        if self.scaling is None:
             self.adapter_scale = nn.Parameter(torch.ones((), device=device, dtype=dtype))
         if cfg.init == "near_identity":
             self._init_near_identity()
@@ -77,7 +77,8 @@ class BottleneckBranch(nn.Module):
 
     @property
     def scale(self) -> torch.Tensor | float:
-        return self.adapter_scale if hasattr(self, "adapter_scale") else self.scaling
+        """The factor s: the fixed float, or the learned scalar parameter."""
+        return self.adapter_scale if self.scaling is None else self.scaling
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """``z: (..., d_in)`` -> ``f(z): (..., d_out)``, in the adapter's dtype."""
