@@ -154,3 +154,12 @@ def test_tokenizer_without_pad_falls_back_to_eos(tmp_path):
     bundle = build_dataset(DataConfig(train_files=[write_rows(tmp_path / "a.jsonl", _texts(2, 2))]), tok)
     batch = bundle.collate([bundle.train[0], {"input_ids": [1], "labels": [1], "attention_mask": [1]}])
     assert batch["input_ids"][1].tolist() == [1] + [EOS] * 6 and batch["labels"][1, 1:].eq(IGN).all()
+
+
+def test_unloadable_dataset_names_the_key(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_rows(folder / "train.jsonl", _texts(2))
+    cfg = DataConfig(dataset=str(folder), eval_split="validaton", streaming=True, max_rows=2)
+    with pytest.raises(ValueError, match=r"data.dataset '.*ds' \(split 'validaton'\) could not be loaded"):
+        build_dataset(cfg, tiny_tokenizer())

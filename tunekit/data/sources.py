@@ -105,7 +105,7 @@ def _hub_rows(cfg: DataConfig, split: str) -> Iterator[Row]:
 
     try:
         ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split, streaming=cfg.streaming)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # not found, offline, bad split name
         raise ValueError(f"data.dataset {cfg.dataset!r} (split {split!r}) could not be loaded: {err}") from err
     return iter(ds)
 
