@@ -187,11 +187,12 @@ def _new_cache(model: nn.Module, kind: str) -> Cache:
 
 
 class VirtualTokenHooks:
-    """Turns positional model arguments into keywords and keeps track of caches holding virtual tokens."""
+    """Per-model hook state: keyword binding, caches holding virtual tokens, checkpointing support."""
 
     def __init__(self, model: nn.Module) -> None:
         self.kind = virtual_token_geometry(model).kind
         self.caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.stateless: Cache | None = None
         # transformers' GradientCheckpointingLayer subclasses (matched by their switch, so that
         # transformers.modeling_layers, slow to import, is not needed here).
         self._checkpointed = [m for m in model.modules() if hasattr(type(m), "_can_checkpoint_with_cache")]
@@ -223,17 +224,42 @@ class VirtualTokenHooks:
             )
         return True
 
-    def allow_cache_under_checkpointing(self, enabled: bool) -> None:
-        """Let checkpointed layers keep ``past_key_values`` (transformers' documented switch).
+    def use_stateless(self, cache: Cache | None) -> None:
+        """Make ``cache`` (a stateless prefix cache, or None) reach every block during this forward.
 
-        Only while a stateless prefix cache is in use: its layers just read the
-        prefix, so the backward replay sees the same keys.
+        Under gradient checkpointing transformers keeps a cache out of the
+        blocks: by nulling the ``past_key_values`` keyword, unless the block's
+        ``_can_checkpoint_with_cache`` switch (documented for read-only caches)
+        is set, or, in some models (GPT-2), by passing None positionally, which
+        ``block_pre_hook`` undoes. Both only while a read-only cache is in use.
         """
+        self.stateless = cache
         for layer in self._checkpointed:
-            if enabled:
+            if cache is not None:
                 layer._can_checkpoint_with_cache = True
             elif "_can_checkpoint_with_cache" in vars(layer):
                 del layer._can_checkpoint_with_cache
+
+    def install_block_hooks(self, model: nn.Module) -> list:
+        """Pre-hooks on the checkpointable blocks (see ``use_stateless``) and a hook ending each forward."""
+        handles = [model.register_forward_hook(self.end_forward, always_call=True)]
+        for layer in self._checkpointed:
+            if "past_key_values" in inspect.signature(layer.forward).parameters:
+                handles.append(layer.register_forward_pre_hook(self.block_pre_hook, with_kwargs=True))
+        return handles
+
+    def block_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.stateless is None:
+            return None
+        # Only a positional None is the checkpointing model's doing; a keyword None is a
+        # stack that takes no cache (T5's encoder) and stays as it is.
+        index = list(inspect.signature(module.forward).parameters).index("past_key_values")
+        if index < len(args) and args[index] is None:
+            args = (*args[:index], self.stateless, *args[index + 1:])
+        return args, kwargs
+
+    def end_forward(self, *_) -> None:
+        self.stateless = None
 
     def checkpointing_active(self, model: nn.Module) -> bool:
         return model.training and any(layer.gradient_checkpointing for layer in self._checkpointed)
@@ -265,7 +291,7 @@ def add_prefix(model: nn.Module, hooks: VirtualTokenHooks, kwargs: dict, name: s
     num = kv[0][0].shape[-2]
     batch = _batch_size(kwargs, hooks.kind)
     mask_key = "decoder_attention_mask" if hooks.kind == "encoder_decoder" else "attention_mask"
-    stateless = False
+    stateless = None
     if not hooks.continuing(kwargs, name, "prefix"):
         cache = kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache", getattr(model.config, "use_cache", False))
@@ -280,9 +306,9 @@ def add_prefix(model: nn.Module, hooks: VirtualTokenHooks, kwargs: dict, name: s
             _fill(cache, kv, batch)
             hooks.caches[cache] = name
         else:
-            cache, stateless = _stateless_cache(kv, batch, hooks.kind), True
+            cache = stateless = _stateless_cache(kv, batch, hooks.kind)
         kwargs["past_key_values"] = cache
-    hooks.allow_cache_under_checkpointing(stateless)
+    hooks.use_stateless(stateless)
     if hooks.kind == "encoder" and kwargs.get("attention_mask") is None:
         # Encoders size the attention mask from the 2-D mask, not from the cache: spell it out.
         source = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]

@@ -79,7 +79,7 @@ class VirtualTokenHost(AdapterHost):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.hooks.allow_cache_under_checkpointing(False)
+        self.hooks.use_stateless(None)
         if getattr(model, self.attribute, None) is self:
             delattr(model, self.attribute)
 

@@ -25,6 +25,10 @@ class PrefixHost(VirtualTokenHost):
     attribute = "tunekit_prefix"
     what = "prefix"
 
+    def register(self, model: nn.Module) -> None:
+        super().register(model)
+        self._handles += self.hooks.install_block_hooks(model)
+
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         from tunekit.adapters.hf.prefix_cache import add_prefix, prefix_layers
 
@@ -32,7 +36,7 @@ class PrefixHost(VirtualTokenHost):
         name = self.current()
         if name is None:
             self.hooks.continuing(kwargs, None, self.what)  # refuses a cache that holds a prefix
-            self.hooks.allow_cache_under_checkpointing(False)
+            self.hooks.use_stateless(None)
             return (), kwargs
         flat = self.adapters[name]().to(self.model_dtype(module))
         return (), add_prefix(module, self.hooks, kwargs, name, prefix_layers(flat, self.geometry))
