@@ -1,0 +1,61 @@
+"""Metrics to metrics.jsonl, TensorBoard, line logs without a TTY and a progress bar with one."""
+
+import io
+import json
+import math
+
+from _tiny import tiny_llama
+from _train_data import ToyLM
+
+from tunekit.adapters import LoRAConfig, inject_adapters
+from tunekit.train import TrainConfig, Trainer
+from tunekit.train.logging import RunLogger
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_metrics_jsonl_tensorboard_and_line_logs(tmp_path, capsys):
+    model = tiny_llama()
+    inject_adapters(model, LoRAConfig(rank=2))
+    cfg = TrainConfig(max_steps=4, batch_size=4, log_every=2, eval_every=2, tensorboard=True, resume="never")
+    result = Trainer(model, ToyLM(n=8), cfg, tmp_path).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["step"]) for r in records] == [("train", 2), ("eval", 2), ("train", 4), ("eval", 4)]
+    train, ev = records[0], records[1]
+    assert {"epoch", "loss", "grad_norm", "lr", "tokens_per_s"} <= train.keys()
+    assert {"loss", "perplexity"} <= ev.keys() and ev["perplexity"] == math.exp(ev["loss"])
+    assert records == result.history and result.metrics_file == tmp_path / "metrics.jsonl"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+    assert events.Scalars("eval/loss")[-1].value == records[-1]["loss"]
+
+    out = capsys.readouterr().out  # pytest's capture is not a TTY: plain lines, no bar
+    assert "train step 2/4 | epoch 1 | loss" in out and "eta" in out
+    assert "\r" not in out
+    assert "steps 4 (2.00 epochs)" in out and "final eval: loss" in out
+
+
+def test_progress_bar_on_a_tty(tmp_path):
+    stream = FakeTTY()
+    log = RunLogger(tmp_path, total_steps=10, stream=stream)
+    log.log("train", 1, {"loss": 2.5, "lr": 1e-4})
+    log.advance(1)
+    log.message("hello")
+    log.close()
+    text = stream.getvalue()
+    assert "1/10" in text and "loss=2.5" in text and "hello" in text
+    assert "train step" not in text  # the bar replaces the line logs
+
+
+def test_disabled_logger_writes_nothing(tmp_path):
+    stream = io.StringIO()
+    log = RunLogger(tmp_path / "run", total_steps=3, enabled=False, stream=stream)
+    log.log("train", 1, {"loss": 1.0})
+    log.close()
+    assert stream.getvalue() == "" and not (tmp_path / "run").exists()
