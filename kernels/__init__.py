@@ -8,6 +8,7 @@ otherwise, or whatever ``use_backend(...)`` forces.
 
 from tunekit.kernels._dispatch import backend, use_backend
 from tunekit.kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
+from tunekit.kernels.flash_attention import flash_attention, flash_attention_ref
 from tunekit.kernels.fused_lora import lora_linear, lora_linear_ref
 from tunekit.kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from tunekit.kernels.rope import rope, rope_ref
@@ -15,6 +16,8 @@ from tunekit.kernels.swiglu import geglu, geglu_ref, glu, glu_ref, swiglu, swigl
 
 __all__ = [
     "backend",
+    "flash_attention",
+    "flash_attention_ref",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_ref",
     "geglu",
