@@ -1,0 +1,320 @@
+"""The run configuration: one typed tree, read from YAML, overridden from the CLI.
+
+    model:        ModelConfig        what to load (tunekit.models)
+    adapter:      <method>Config     which adapter, picked by ``method`` from tunekit.adapters.METHODS
+    data:         DataConfig         tunekit.data
+    train:        TrainConfig        tunekit.train
+    distributed:  DistributedConfig
+    hub:          HubConfig
+    output:       OutputConfig
+
+Dotted ``key=value`` overrides are parsed as YAML scalars and merged into the
+raw tree *before* validation, so the file and the command line share one
+validator. Validation errors become one line each, naming the key, the value
+and what is allowed (``ConfigError.lines``); nothing heavy runs before that.
+
+Example:
+    >>> cfg = load_config({"model": {"name_or_path": "gpt2"},
+    ...                    "data": {"train_files": ["train.jsonl"], "format": "text"}},
+    ...                   ["adapter.rank=4", "train.lr=1e-4"])
+    >>> cfg.adapter.method, cfg.adapter.rank, cfg.train.lr
+    ('lora', 4, 0.0001)
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunekit.adapters import METHODS, LoRAConfig
+from tunekit.data import DataConfig
+from tunekit.models.config import ModelConfig
+from tunekit.train import TrainConfig
+
+__all__ = [
+    "ConfigError",
+    "DistributedConfig",
+    "FinetuneConfig",
+    "HubConfig",
+    "OutputConfig",
+    "apply_overrides",
+    "config_to_yaml",
+    "load_config",
+    "task_for",
+]
+
+_SECTION = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class DistributedConfig(BaseModel):
+    """How the model is spread over processes (one process: ``strategy: none``)."""
+
+    model_config = _SECTION
+
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed", "tp"] = "none"
+    """Registry name of the strategy: none, ddp, fsdp (FSDP2 ZeRO-3), deepspeed (ZeRO-3) or tp."""
+
+    cpu_offload: bool = False
+    """fsdp / deepspeed: keep sharded parameters and optimizer state in CPU memory."""
+
+    tp_size: int = Field(1, ge=1)
+    """Tensor-parallel degree (tp only)."""
+
+
+class HubConfig(BaseModel):
+    """Pushing the result to the Hugging Face Hub."""
+
+    model_config = _SECTION
+
+    push: bool = False
+    """Upload the adapter (and merged model, if saved) at the end of the run."""
+
+    repo_id: str | None = None
+    """Target repository, ``user/name``; required when push is true."""
+
+    private: bool = True
+    """Create the repository as private."""
+
+
+class OutputConfig(BaseModel):
+    """Where results go."""
+
+    model_config = _SECTION
+
+    dir: Path = Path("runs/default")
+    """Run folder: adapter/, merged/, checkpoints/, metrics.jsonl, resolved_config.yaml."""
+
+    save_merged: bool = False
+    """Also write the base model with the adapter merged in (plain transformers format) to dir/merged."""
+
+    eval_before: bool = True
+    """Evaluate once before training, so the summary shows the metrics before and after."""
+
+
+def _adapter_union() -> Any:
+    # A discriminated union over every registered method, so `adapter.method`
+    # picks the class and its errors mention only that class's keys.
+    classes = tuple(method.config_cls for method in METHODS.values())
+    return Annotated[Union[classes], Field(discriminator="method")]  # noqa: UP007
+
+
+_FORMAT_TASKS = {"classification": "seq_cls", "seq2seq": "seq2seq"}
+
+
+def task_for(cfg: FinetuneConfig) -> str:
+    """The model head a run needs: ``model.task``, or what ``data.format`` implies."""
+    if cfg.model.task != "auto":
+        return cfg.model.task
+    return _FORMAT_TASKS.get(cfg.data.format, "causal_lm")
+
+
+class FinetuneConfig(BaseModel):
+    """Everything one fine-tuning run needs."""
+
+    model_config = _SECTION
+
+    model: ModelConfig
+    """The base model (and tokenizer) to adapt."""
+
+    adapter: _adapter_union() = LoRAConfig()  # type: ignore[valid-type]
+    """The adapter; ``method`` picks the kind (lora, prefix, prompt, bottleneck, ...; default lora)."""
+
+    data: DataConfig
+    """The training (and evaluation) data."""
+
+    train: TrainConfig = TrainConfig()
+    """The training loop."""
+
+    distributed: DistributedConfig = DistributedConfig()
+    """Multi-process strategy."""
+
+    hub: HubConfig = HubConfig()
+    """Hub upload."""
+
+    output: OutputConfig = OutputConfig()
+    """Output folder and what is written there."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_method(cls, data: Any) -> Any:
+        # `adapter: {rank: 16}` means LoRA, the default adapter.
+        if isinstance(data, dict) and isinstance(data.get("adapter"), dict) and "method" not in data["adapter"]:
+            data = {**data, "adapter": {"method": "lora", **data["adapter"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> FinetuneConfig:
+        implied = _FORMAT_TASKS.get(self.data.format, "causal_lm")
+        if self.model.task not in ("auto", implied):
+            raise ValueError(f"model.task={self.model.task!r} does not fit data.format={self.data.format!r} "
+                             f"(which trains {implied!r}); set model.task: auto")
+        if self.output.save_merged and self.model.quantization is not None:
+            raise ValueError("output.save_merged=true cannot merge into a quantized model.quantization base; "
+                             "save the adapter and run `tunekit merge` on the unquantized base")
+        if task_for(self) == "seq_cls" and not self.adapter.modules_to_save:
+            raise ValueError("adapter.modules_to_save=[] leaves the new classification head frozen at random; "
+                             "add it, e.g. ['classifier'] (BERT) or ['score'] (Llama)")
+        if self.hub.push and not self.hub.repo_id:
+            raise ValueError("hub.push=true needs hub.repo_id (e.g. 'user/my-adapter')")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; ``lines`` holds one self-contained message per problem."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("; ".join(lines))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The raw mapping in a YAML file, with one-line errors for a missing or malformed file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError([f"config file {str(file)!r} not found (pass a YAML file, e.g. cookbook/quickstart.yaml)"])
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError([f"{file}{where}: not valid YAML ({getattr(err, 'problem', None) or err})"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{file}: the top level must be a mapping of sections (model:, data:, ...)"])
+    return raw
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A copy of ``raw`` with each ``dotted.key=value`` set (value parsed as YAML)."""
+    tree = yaml.safe_load(yaml.safe_dump(dict(raw)))  # deep copy of plain data
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError([f"override {item!r} is not key=value (e.g. train.lr=1e-4)"])
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError([f"override {key}: {text!r} is not a valid YAML value"]) from None
+        *parents, leaf = key.split(".")
+        node = tree
+        for depth, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError([f"override {key}: {where} is a value ({node!r}), not a section"])
+        node[leaf] = value
+    return tree
+
+
+def load_config(source: str | Path | Mapping[str, Any] | FinetuneConfig,
+                overrides: Iterable[str] = ()) -> FinetuneConfig:
+    """Validate a config from a YAML path, a mapping, or a ``FinetuneConfig`` (plus overrides).
+
+    Raises:
+        ConfigError: the file is missing or malformed, or the tree is invalid.
+    """
+    if isinstance(source, FinetuneConfig):
+        raw = source.model_dump(mode="json")
+    elif isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        raw = read_yaml(source)
+    tree = apply_overrides(raw, overrides)
+    try:
+        return FinetuneConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err, tree)) from None
+
+
+def config_to_yaml(cfg: FinetuneConfig) -> str:
+    """The resolved config as YAML (it loads back to an equal config)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+
+
+# ---------------------------------------------------------------- error formatting
+
+def _model_classes(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [cls for arg in typing.get_args(annotation) for cls in _model_classes(arg)]
+
+
+def _section_at(path: tuple, tree: Any) -> type[BaseModel] | None:
+    """The config class of the section at ``path`` (adapters resolved by their ``method``)."""
+    cls: type[BaseModel] | None = FinetuneConfig
+    node = tree
+    for part in path:
+        field = cls.model_fields.get(part) if cls else None
+        node = node.get(part) if isinstance(node, dict) else None
+        if field is None:
+            return None
+        classes = _model_classes(field.annotation)
+        method = node.get("method") if isinstance(node, dict) else None
+        tagged = [c for c in classes if c.model_fields.get("method") and c.model_fields["method"].default == method]
+        cls = (tagged or classes or [None])[0]
+    return cls
+
+
+_TYPE_LABELS = {"str", "int", "float", "bool", "none", "list", "dict", "constrained-str", "is-instance"}
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    # pydantic puts union members ("list[str]", "lora", "function-after[...]") into
+    # locations; keep only the keys a user writes.
+    out: list = []
+    for part in loc:
+        if isinstance(part, str) and ("[" in part or part in _TYPE_LABELS or (out == ["adapter"] and part in METHODS)):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _one_line(err: dict, tree: dict) -> str:
+    loc = _clean_loc(err["loc"])
+    key = ".".join(str(p) for p in loc) or "config"
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        section = _section_at(loc[:-1], tree)
+        allowed = sorted(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?)" if close else ""
+        where = ".".join(map(str, loc[:-1])) or "the top level"
+        return f"unknown key {key}{hint}; {where} accepts: {', '.join(allowed)}"
+    if kind == "missing":
+        section = _section_at(loc[:-1], tree)
+        field = section.model_fields.get(str(loc[-1])) if section else None
+        about = f" ({field.description.splitlines()[0]})" if field and field.description else ""
+        return f"{key} is required{about}"
+    if kind == "union_tag_invalid":
+        return f"{key}.method = {err['ctx']['tag']!r} is not an adapter method; choose one of {err['ctx']['expected_tags']}"
+    if kind == "union_tag_not_found":
+        return f"{key}.method is required; choose one of {', '.join(repr(m) for m in METHODS)}"
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    return f"{key} = {_show(value)}: {msg}"
+
+
+def format_errors(error: ValidationError, tree: dict) -> list[str]:
+    """One line per offending key (alternatives of a union joined with 'or')."""
+    grouped: dict[tuple, list[dict]] = {}
+    for err in error.errors(include_url=False):
+        grouped.setdefault(_clean_loc(err["loc"]), []).append(err)
+    lines = []
+    for errs in grouped.values():
+        if len(errs) == 1 or errs[0]["type"] in ("extra_forbidden", "missing", "value_error"):
+            lines.append(_one_line(errs[0], tree))
+        else:
+            first = _one_line(errs[0], tree)
+            others = [e["msg"] for e in errs[1:]]
+            lines.append(" or ".join([first, *dict.fromkeys(others)]))
+    return lines
