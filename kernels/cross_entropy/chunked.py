@@ -43,10 +43,15 @@ class CEOptions:
 RowsFn = Callable[[torch.Tensor, torch.Tensor, CEOptions, "float | None"], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
+# Fewer, larger chunks amortise per-op launch and thread-sync costs (measured: 16-row chunks
+# run 2x slower than full logits on a CPU); 256 rows of a 128k vocab are 128 MiB in fp32.
+MIN_CHUNK_ROWS = 256
+
+
 def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk so that one chunk's logits are about the size of the hidden states (Liger's rule)."""
-    rows = max(1, -(-n_rows * hidden // vocab))
-    return min(n_rows, 1 << (rows - 1).bit_length()) if n_rows else 1
+    """Rows per chunk: logits about the size of the hidden states (Liger's rule), at least ``MIN_CHUNK_ROWS``."""
+    rows = max(MIN_CHUNK_ROWS, -(-n_rows * hidden // vocab))
+    return max(1, min(n_rows, 1 << (rows - 1).bit_length()))
 
 
 def _chunk_logits(h, weight, bias, u, lora_b, scaling):
