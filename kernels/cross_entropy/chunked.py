@@ -63,6 +63,36 @@ def _chunk_logits(h, weight, bias, u, lora_b, scaling):
     return logits
 
 
+def _grad_buffers(hidden, weight, bias, lora_a, lora_b, needs):
+    """[dh, dW, db, dA, dB]: dh in the input dtype (written per chunk), the rest fp32 accumulators."""
+    acc = torch.float32
+    dh = torch.empty_like(hidden) if needs[0] else None
+    rest = [torch.zeros(t.shape, dtype=acc, device=t.device) if need else None
+            for t, need in zip((weight, bias, lora_a, lora_b), needs[1:])]
+    return [dh, *rest]
+
+
+def _backprop_chunk(g, h, u, rows: slice, weight, lora_a, lora_b, scaling: float, grads) -> None:
+    """Add one chunk's contribution; g: (C, V) logit gradient, h: (C, H), u: (C, r) | None."""
+    dh, dw, db, da, dbb = grads
+    acc = torch.float32
+    if dh is not None:
+        dh[rows] = g @ weight
+    if dw is not None:
+        dw.addmm_(g.T.to(acc), h.to(acc))
+    if db is not None:
+        db += g.sum(0, dtype=acc)
+    if lora_a is None:
+        return
+    gb = g @ lora_b  # (C, r)
+    if dh is not None:
+        dh[rows].addmm_(gb, lora_a, alpha=scaling)
+    if da is not None:
+        da.addmm_(gb.T.to(acc), h.to(acc), alpha=scaling)
+    if dbb is not None:
+        dbb.addmm_(g.T.to(acc), u.to(acc), alpha=scaling)
+
+
 def linear_cross_entropy_chunks(
     hidden, weight, bias, lora_a, lora_b, scaling: float, labels, opts: CEOptions,
     rows_fn: RowsFn, chunk_size: int, needs: tuple[bool, bool, bool, bool, bool],
@@ -72,44 +102,21 @@ def linear_cross_entropy_chunks(
     Returns:
         (loss scalar fp32, [dh, dW, db, dA, dB] each a tensor or None per ``needs``).
     """
-    n_rows = hidden.shape[0]
-    n_valid = (labels != opts.ignore_index).sum()
-    denom = n_valid.item() if opts.reduction == "mean" else 1
+    n_valid = int((labels != opts.ignore_index).sum())
+    denom = n_valid if opts.reduction == "mean" else 1
     want_grad = any(needs)
     grad_scale = (1.0 / denom if denom else 0.0) if want_grad else None
     u = hidden @ lora_a.T if lora_a is not None else None  # (N, r): small, kept whole
-    acc = torch.float32
-    dh = torch.empty_like(hidden) if needs[0] else None
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
-    db = torch.zeros(bias.shape, dtype=acc, device=bias.device) if needs[2] else None
-    da = torch.zeros(lora_a.shape, dtype=acc, device=hidden.device) if needs[3] else None
-    dbb = torch.zeros(lora_b.shape, dtype=acc, device=hidden.device) if needs[4] else None
-    total = torch.zeros((), dtype=acc, device=hidden.device)
-    for start in range(0, n_rows, chunk_size):
-        end = min(start + chunk_size, n_rows)
-        h = hidden[start:end]
-        uc = u[start:end] if u is not None else None
-        logits = _chunk_logits(h, weight, bias, uc, lora_b, scaling)
-        loss_rows, g = rows_fn(logits, labels[start:end], opts, grad_scale)
+    grads = _grad_buffers(hidden, weight, bias, lora_a, lora_b, needs)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        h, uc = hidden[rows], (u[rows] if u is not None else None)
+        loss_rows, g = rows_fn(_chunk_logits(h, weight, bias, uc, lora_b, scaling), labels[rows], opts, grad_scale)
         total += loss_rows.sum()
-        if not want_grad:
-            continue
-        if dh is not None:
-            dh[start:end] = g @ weight
-        if dw is not None:
-            dw.addmm_(g.T.to(acc), h.to(acc))
-        if db is not None:
-            db += g.sum(0, dtype=acc)
-        if lora_a is not None:
-            gb = g @ lora_b  # (C, r)
-            if dh is not None:
-                dh[start:end].addmm_(gb, lora_a, alpha=scaling)
-            if da is not None:
-                da.addmm_(gb.T.to(acc), h.to(acc), alpha=scaling)
-            if dbb is not None:
-                dbb.addmm_(g.T.to(acc), uc.to(acc), alpha=scaling)
+        if want_grad:
+            _backprop_chunk(g, h, uc, rows, weight, lora_a, lora_b, scaling, grads)
     loss = total / denom if opts.reduction == "mean" else total
-    grads = [dh, dw, db, da, dbb]
     refs = [hidden, weight, bias, lora_a, lora_b]
     return loss, [g.to(r.dtype) if g is not None else None for g, r in zip(grads, refs)]
 
@@ -117,16 +124,16 @@ def linear_cross_entropy_chunks(
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Chunked linear + cross-entropy with gradients computed in the forward.
 
-    ``apply(hidden, weight, bias, lora_a, lora_b, labels, scaling, opts, rows_fn, chunk_size)``.
+    ``apply(hidden, weight, bias, lora_a, lora_b, labels, scaling, opts, rows_fn, chunk_size, grad_enabled)``.
     Options: ``opts`` (:class:`CEOptions`), ``rows_fn`` (backend per-chunk math),
-    ``chunk_size`` (rows per chunk). Saves only the finished gradients.
+    ``chunk_size`` (rows per chunk), ``grad_enabled`` (the caller's grad mode:
+    ``needs_input_grad`` stays True under ``no_grad``, and evaluation must not pay
+    for gradients). Saves only the finished gradients.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, scaling, opts, rows_fn, chunk_size):
-        needs = tuple(bool(n) for n in ctx.needs_input_grad[:5])
-        if not torch.is_grad_enabled() and not any(needs):
-            needs = (False,) * 5
+    def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, scaling, opts, rows_fn, chunk_size, grad_enabled):
+        needs = tuple(bool(n) and grad_enabled for n in ctx.needs_input_grad[:5])
         loss, grads = linear_cross_entropy_chunks(
             hidden, weight, bias, lora_a, lora_b, scaling, labels, opts, rows_fn, chunk_size, needs
         )
@@ -138,4 +145,4 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, dloss):
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) * dloss if present else None for present in ctx.present]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)

@@ -106,5 +106,6 @@ def apply_linear_cross_entropy(rows_fn, hidden, weight, labels, bias, lora_a, lo
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match head weight {tuple(weight.shape)}")
     chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
     return LinearCrossEntropyFunction.apply(
-        hidden, weight, bias, lora_a, lora_b, labels, float(lora_scaling), opts, rows_fn, chunk
+        hidden, weight, bias, lora_a, lora_b, labels, float(lora_scaling), opts, rows_fn, chunk,
+        torch.is_grad_enabled(),
     )

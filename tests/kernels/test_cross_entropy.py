@@ -119,3 +119,18 @@ def test_chunked_reference_never_materialises_full_logits():
 def test_mismatched_rows_is_a_clear_error():
     with pytest.raises(ValueError, match="labels has 3 rows but hidden has 4"):
         fused_linear_cross_entropy(torch.randn(4, H), torch.randn(V, H), torch.zeros(3, dtype=torch.long))
+
+
+def test_no_grad_computes_no_gradients():
+    h, w = torch.randn(6, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
+    labels = torch.randint(0, V, (6,))
+    seen = []
+
+    def recording_rows(logits, lab, opts, grad_scale):
+        seen.append(grad_scale)
+        return ce_rows_ref(logits, lab, opts, grad_scale)
+
+    with torch.no_grad():
+        loss = apply_linear_cross_entropy(recording_rows, h, w, labels, None, None, None, 1.0, CEOptions(), 4)
+    assert seen == [None, None] and not loss.requires_grad
+    assert max_abs_diff(loss, F.cross_entropy(h @ w.T, labels)) <= FP32_EXACT
