@@ -42,9 +42,9 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def model_loss(model: nn.Module, batch: dict[str, torch.Tensor], forward_kwargs: dict) -> torch.Tensor:
     """The model's own mean loss on ``batch`` (transformers computes it from ``labels``)."""
-    loss = model(**batch).loss
+    loss = model(**batch, **forward_kwargs).loss
     if loss is None:
         raise ValueError(f"{type(model).__name__} returned no loss: is it a model with a task head?")
     return loss

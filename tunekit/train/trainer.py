@@ -123,7 +123,10 @@ class Trainer:
         self.model, self.data, self.cfg, self.metric_fn = model, data, cfg, metric_fn
         self.output_dir = Path(output_dir)
         self.accelerator = make_accelerator(cfg.mixed_precision)
-        self._loss_fn = fused_loss_fn(data.task) if cfg.fused_cross_entropy else model_loss
+        self._fused_loss = fused_loss_fn(data.task) if cfg.fused_cross_entropy else None
+        # Extra forward arguments the data needs (use_cache=False: packed rows get their
+        # block-diagonal mask only without a cache).
+        self._forward_kwargs = dict(getattr(data, "forward_kwargs", None) or {})
         self._setup_model(wrap_model)
         micro_batches = math.ceil(len(data.train) / cfg.batch_size)
         self.steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum_steps)
@@ -171,7 +174,7 @@ class Trainer:
             # Only the last micro-batch all-reduces gradients (a no-op without a DDP wrapper).
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped):
                 with self.accelerator.autocast():
-                    loss = self._loss_fn(self.wrapped, batch)
+                    loss = self._loss(batch)
                 self.accelerator.backward(loss * (n / total))
             loss_sum += float(loss.detach()) * n
         grad_norm = self._clip()
@@ -182,6 +185,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_sum / total, "grad_norm": grad_norm, "lr": lr,
                 "tokens": sum(batch_tokens(b) for b in batches)}
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self._fused_loss is not None:  # it runs the body with use_cache=False itself
+            return self._fused_loss(self.wrapped, batch)
+        return model_loss(self.wrapped, batch, self._forward_kwargs)
 
     def _clip(self) -> float:
         params = [p for p in self.wrapped.parameters() if p.requires_grad]
@@ -206,7 +214,7 @@ class Trainer:
         for start in range(0, len(rows), size):
             batch = self._to_device(self.data.collate([rows[i] for i in range(start, min(start + size, len(rows)))]))
             with self.accelerator.autocast():
-                out = self.wrapped(**batch)
+                out = self.wrapped(**batch, **self._forward_kwargs)
             meter.add(batch, out.loss.float(), out.logits.float())
         self.wrapped.train(was_training)
         return meter.result()
