@@ -93,8 +93,8 @@ def _seq_bounds(cu_ptr, b, seqlen, IS_VARLEN: tl.constexpr):
     start = 0
     length = seqlen
     if IS_VARLEN:
-        start = tl.load(cu_ptr + b)
-        length = tl.load(cu_ptr + b + 1) - start
+        start = tl.load(cu_ptr + b).to(tl.int64)  # token offsets of a large packed batch pass 2**31 elements
+        length = (tl.load(cu_ptr + b + 1) - start).to(tl.int32)
     return start, length
 
 
@@ -154,7 +154,7 @@ def _attn_fwd_kernel(
 ):
     """Grid (cdiv(max Lq, BLOCK_M), N·H): one query block of one (sequence, head)."""
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // heads
+    b = (tl.program_id(1) // heads).to(tl.int64)  # int64 offsets: B·H·T·D may exceed 2**31
     h = tl.program_id(1) % heads
     q_start, len_q = _seq_bounds(cu_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = _seq_bounds(cu_k_ptr, b, seqlen_k, IS_VARLEN)
@@ -206,7 +206,7 @@ def _attn_bwd_dkdv_kernel(
 ):
     """Grid (cdiv(max Lk, BLOCK_N), N·KV): dK, dV of one key block, summed over the group's query heads."""
     pid_n = tl.program_id(0)
-    b = tl.program_id(1) // kv_heads
+    b = (tl.program_id(1) // kv_heads).to(tl.int64)  # int64 offsets: B·H·T·D may exceed 2**31
     kvh = tl.program_id(1) % kv_heads
     q_start, len_q = _seq_bounds(cu_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = _seq_bounds(cu_k_ptr, b, seqlen_k, IS_VARLEN)
@@ -260,7 +260,7 @@ def _attn_bwd_dq_kernel(
 ):
     """Grid (cdiv(max Lq, BLOCK_M), N·H): dQ of one query block."""
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // heads
+    b = (tl.program_id(1) // heads).to(tl.int64)  # int64 offsets: B·H·T·D may exceed 2**31
     h = tl.program_id(1) % heads
     q_start, len_q = _seq_bounds(cu_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = _seq_bounds(cu_k_ptr, b, seqlen_k, IS_VARLEN)

@@ -85,6 +85,10 @@ def test_llama_packed_row_equals_separate_examples():
     packed_logits = ours(input_ids=packed_ids, position_ids=position_ids).logits
     _assert_close(packed_logits[:, :5], ours(input_ids=first).logits, "first example")
     _assert_close(packed_logits[:, 5:], ours(input_ids=second).logits, "second example")
+    # FlashAttention's varlen kwargs (DataCollatorWithFlattening) name the same boundaries
+    cu = torch.tensor([0, 5, 14], dtype=torch.int32)
+    fa_kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 9, "max_length_k": 9}
+    _assert_close(ours(input_ids=packed_ids, **fa_kwargs).logits, packed_logits, "cu_seq_lens kwargs")
     # and not what an unpacked row would give: the second example must not see the first
     assert max_abs_diff(packed_logits, ours(input_ids=packed_ids).logits) > 1e-3
 
