@@ -34,6 +34,7 @@ class AdapterHost(nn.Module):
     def add_adapter(self, name: str, adapter: nn.Module) -> None:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists here; delete it first or pick another name")
+        adapter.train(self.training)  # a model in eval mode gets its new adapter in eval mode (no dropout)
         self.adapters[name] = adapter
         if not self.active:
             self.active = [name]

@@ -92,17 +92,20 @@ def wrap_targets(
 
     ``make_adapter(base_layer)`` builds the adapter module for that layer.
     """
+    # Checked before anything is wrapped, so a refusal leaves the model untouched.
+    for name, module in targets:
+        if isinstance(module, AdapterHost) and not isinstance(module, wrapper_cls):
+            raise ValueError(
+                f"module {name!r} already holds a {type(module).__name__} adapter; a {wrapper_cls.__name__} "
+                "cannot share it (inject this adapter first, or target other modules)"
+            )
     wrapped = []
     for name, module in targets:
         if isinstance(module, wrapper_cls):
             host = module
-        elif isinstance(module, AdapterHost):
-            raise ValueError(
-                f"module {name!r} already holds a {type(module).__name__} adapter; "
-                f"a {wrapper_cls.__name__} cannot wrap it (target a different module)"
-            )
         else:
             host = wrapper_cls(module)
+            host.train(module.training)  # follow the model's train/eval mode
             replace_module(model, name, host)
         host.add_adapter(adapter_name, make_adapter(host.base_layer))
         wrapped.append(name)

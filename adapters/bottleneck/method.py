@@ -27,7 +27,7 @@ from tunekit.adapters.bottleneck.layer import (
 )
 from tunekit.adapters.hf.arch import ArchSpec, arch_spec
 from tunekit.adapters.hf.layers import is_linear_like, is_quantized, linear_features
-from tunekit.adapters.host import AdapterHost, ModulesToSave
+from tunekit.adapters.host import ModulesToSave
 from tunekit.adapters.injection import find_targets, wrap_targets
 from tunekit.adapters.registry import AdapterMethod, host_state, load_host_state
 
@@ -100,26 +100,12 @@ class BottleneckMethod(AdapterMethod):
 
     def inject(self, model: nn.Module, cfg: BottleneckConfig, adapter_name: str) -> list[str]:
         found, wrapper_cls = resolve_targets(model, cfg)
-        for name, module in found:
-            # Checked up front: wrap_targets would raise half-way, leaving some modules wrapped.
-            if isinstance(module, AdapterHost) and not isinstance(module, wrapper_cls):
-                raise ValueError(
-                    f"{name!r} is already wrapped by a {type(module).__name__} adapter; a {cfg.variant} bottleneck "
-                    "cannot share it (inject the bottleneck first, or target other modules)"
-                )
 
         def make_adapter(base: nn.Module) -> BottleneckBranch:
             device, dtype = _param_spec(base)
-            branch = BottleneckBranch(*_features(model, base, cfg.variant), cfg, device=device, dtype=dtype)
-            return branch.train(base.training)
+            return BottleneckBranch(*_features(model, base, cfg.variant), cfg, device=device, dtype=dtype)
 
-        wrapped = wrap_targets(model, found, adapter_name, wrapper_cls, make_adapter)
-        for name in wrapped:
-            # New modules start in train mode; follow the model's mode, or adapter dropout
-            # would stay on in an eval()'d model.
-            host = model.get_submodule(name)
-            host.training = host.adapters.training = host.base_layer.training
-        return wrapped
+        return wrap_targets(model, found, adapter_name, wrapper_cls, make_adapter)
 
     def export_state(self, model: nn.Module, adapter_name: str, cfg: BottleneckConfig) -> dict[str, torch.Tensor]:
         return host_state(model, adapter_name, HOST_TYPES)

@@ -126,3 +126,12 @@ def test_generate_works(arch):
     model, inputs, _, _ = _build(arch, {})
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[0] == inputs["input_ids"].shape[0] and out.shape[1] >= 4
+
+
+def test_injected_adapters_follow_the_models_mode():
+    model = TINY_MODELS["llama"]().eval()
+    inject_adapters(model, LoRAConfig(rank=2, dropout=0.5))
+    layers = [m for m in model.modules() if isinstance(m, LoRALayer)]
+    assert layers and not any(m.training for layer in layers for m in layer.modules())
+    model.train()
+    assert all(m.training for layer in layers for m in layer.modules())
