@@ -56,3 +56,17 @@ def test_rope_broadcasts_cos_over_batch_and_leaves_inputs_untouched():
 def test_rope_bad_layout_is_a_clear_error():
     with pytest.raises(ValueError, match="unsqueeze_dim"):
         rope(torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8))
+
+
+def test_rope_backward_handles_cos_sin_halves_that_differ():
+    # HF duplicates the frequencies (c1 = c2, s1 = s2); the kernel must not rely on it.
+    q0 = torch.randn(2, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    k0 = torch.randn(2, 1, 4, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = torch.randn(2, 4, 8, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64)
+    oracle = _run(rope_ref, *leaves([q0, k0], torch.float64), cos, sin, 1)
+    q, k = leaves([q0, k0], torch.float32)
+    ref = _run(rope_ref, q, k, cos.float(), sin.float(), 1)
+    with use_backend("interpret"):
+        out = _run(rope, q, k, cos.float(), sin.float(), 1)
+    for name, kern, r, o in zip(("q", "k", "dq", "dk"), out, ref, oracle):
+        assert_kernel_bound(name, kern, r, o, torch.float32)
