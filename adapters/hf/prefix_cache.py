@@ -278,6 +278,14 @@ def _extend_mask(kwargs: dict, key: str, num: int, batch: int) -> None:
     kwargs[key] = torch.cat([_ones(batch, num, mask), mask], dim=1)
 
 
+def _wants_cache(model: nn.Module, kwargs: dict) -> bool:
+    # Training forwards get no stored cache (transformers drops it under checkpointing anyway).
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(model.config, "use_cache", False)
+    return bool(use_cache) and not model.training
+
+
 def _batch_size(kwargs: dict, kind: str) -> int:
     keys = ("decoder_input_ids", "decoder_inputs_embeds") if kind == "encoder_decoder" else ()
     for key in (*keys, "input_ids", "inputs_embeds"):
@@ -294,13 +302,12 @@ def add_prefix(model: nn.Module, hooks: VirtualTokenHooks, kwargs: dict, name: s
     stateless = None
     if not hooks.continuing(kwargs, name, "prefix"):
         cache = kwargs.get("past_key_values")
-        use_cache = kwargs.get("use_cache", getattr(model.config, "use_cache", False))
         if cache is not None and hooks.checkpointing_active(model):
             raise ValueError(
                 "prefix tuning with gradient checkpointing cannot fill a passed past_key_values in training mode; "
                 "call model.eval() (e.g. before generate()) or pass no cache"
             )
-        if cache is None and use_cache and not model.training and hooks.kind != "encoder":
+        if cache is None and _wants_cache(model, kwargs) and hooks.kind != "encoder":
             cache = _new_cache(model, hooks.kind)
         if cache is not None:
             _fill(cache, kv, batch)
@@ -339,9 +346,8 @@ def add_prompt(model: nn.Module, hooks: VirtualTokenHooks, kwargs: dict, name: s
     kwargs["inputs_embeds"] = torch.cat([soft.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
     kwargs["input_ids"] = None
     mask = kwargs.get("attention_mask")
-    if mask is not None and mask.shape[-1] == length + num and hooks.kind == "encoder_decoder":
-        pass  # the T5 root call already extended it for cross-attention
-    else:
+    # A T5 root call has already lengthened the mask (for cross-attention); generate() calls the encoder directly.
+    if not (hooks.kind == "encoder_decoder" and mask is not None and mask.shape[-1] == length + num):
         _extend_mask(kwargs, "attention_mask", num, batch)
     labels = kwargs.get("labels")
     if labels is not None and labels.dim() >= 2 and labels.shape[1] == length and hooks.kind == "decoder":
@@ -363,7 +369,7 @@ def _remember_prompt_cache(model: nn.Module, hooks: VirtualTokenHooks, kwargs: d
     if hooks.kind != "decoder":
         return
     cache = kwargs.get("past_key_values")
-    if cache is None and kwargs.get("use_cache", getattr(model.config, "use_cache", False)):
+    if cache is None and _wants_cache(model, kwargs):
         cache = kwargs["past_key_values"] = _new_cache(model, hooks.kind)
     if isinstance(cache, Cache):
         hooks.caches[cache] = name
