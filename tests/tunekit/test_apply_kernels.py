@@ -8,8 +8,7 @@ from _tiny import VOCAB, tiny_gpt2, tiny_inputs, tiny_llama
 from _tolerances import FP32_EXACT, max_abs_diff
 from transformers import GemmaConfig, GemmaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from tunekit.adapters import inject_adapters
-from tunekit.adapters.lora import LoRAConfig
+from tunekit.adapters import LoRAConfig, PromptConfig, inject_adapters
 from tunekit.kernels import use_backend
 from tunekit.models.kernels import (
     TunekitGatedMLP,
@@ -117,3 +116,9 @@ def test_fused_causal_lm_loss_refuses_dora_on_lm_head():
     inject_adapters(model, LoRAConfig(rank=4, target_modules=["lm_head"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
         fused_causal_lm_loss(model, _batch())
+
+
+def test_fused_causal_lm_loss_with_prompt_tuning_virtual_tokens():
+    model, batch = tiny_llama(layers=1), _batch()
+    inject_adapters(model, PromptConfig(num_virtual_tokens=3))
+    _assert_same(_loss_and_grads(model, batch, fused_causal_lm_loss), _loss_and_grads(model, batch))

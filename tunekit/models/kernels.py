@@ -283,10 +283,11 @@ def fused_causal_lm_loss(
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = _final_hidden(model, hf, inputs)  # (B, T', H)
     weight, bias, lora = _head_operands(hf.get_output_embeddings())
-    labels = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:].to(hidden.device)
+    labels = batch["labels"].to(hidden.device)
     extra = hidden.shape[1] - labels.shape[1]
-    if extra > 0:  # virtual tokens prepended by prompt tuning carry no targets
+    if extra > 0:  # virtual tokens prepended by prompt tuning: no targets of their own, as in PEFT
         labels = F.pad(labels, (extra, 0), value=IGNORE_INDEX)
+    labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # position t predicts token t+1
     lora_a, lora_b, scaling = lora if lora is not None else (None, None, 1.0)
     return fused_linear_cross_entropy(
         hidden, weight, labels, bias, lora_a, lora_b, scaling, IGNORE_INDEX, label_smoothing, z_loss,
