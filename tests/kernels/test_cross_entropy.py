@@ -60,15 +60,26 @@ def _run(fn, tensors, labels, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES)
 def test_fused_linear_ce_matches_full_logits(case, dtype):
+    _check(case, dtype, "cpu", "interpret")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", CASES)
+def test_fused_linear_ce_triton_on_gpu(case, dtype):
+    _check(case, dtype, "cuda", "triton")
+
+
+def _check(case, dtype, device, which):
     rows, bias, lora, smoothing, z, reduction, chunk, block = case
     tensors, labels = _inputs(rows, bias, lora)
     opts = dict(label_smoothing=smoothing, z_loss=z, reduction=reduction)
     h, w, b, a, bb = tensors
     full = oracle_loss(h, w, labels, b, a, bb, 0.5, smoothing, z, reduction)
     oracle = [full, *grads(full, [t for t in tensors if t is not None])]
-    low = leaves(tensors, dtype)
+    low, labels = leaves(tensors, dtype, device), labels.to(device)
     ref = _run(fused_linear_cross_entropy_ref, low, labels, chunk_size=chunk, **opts)
-    with use_backend("interpret"):
+    with use_backend(which):
         out = _run(fused_linear_cross_entropy, low, labels, chunk_size=chunk, block=block, **opts)
     names = [n for n, t in zip(NAMES, [full, *tensors]) if t is not None]
     for name, k, r, o in zip(names, out, ref, oracle):

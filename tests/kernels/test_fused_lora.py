@@ -31,11 +31,21 @@ def _run(fn, tensors):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES)
 def test_lora_linear_matches_reference(case, dtype):
+    _check(case, dtype, "cpu", "interpret")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_lora_linear_triton_on_gpu(dtype):
+    _check(((4, 333), 16, True, True), dtype, "cuda", "triton")
+
+
+def _check(case, dtype, device, which):
     tensors = _inputs(*case)
     oracle = _run(lora_linear_ref, tensors)
-    low = leaves(tensors, dtype)
+    low = leaves(tensors, dtype, device)
     ref = _run(lora_linear_ref, low)
-    with use_backend("interpret"):
+    with use_backend(which):
         out = _run(lora_linear, low)
     names = [n for n, t in zip(("x", "w", "b", "a", "bb"), tensors) if t is not None]
     for name, k, r, o in zip(["y", *(f"d{n}" for n in names)], out, ref, oracle):

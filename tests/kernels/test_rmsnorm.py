@@ -23,12 +23,23 @@ def _run(fn, x, w, offset, casting):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("offset,casting", VARIANTS)
 def test_rmsnorm_matches_reference(shape, dtype, offset, casting):
+    _check(shape, dtype, offset, casting, "cpu", "interpret")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("offset,casting", VARIANTS)
+def test_rmsnorm_triton_on_gpu(dtype, offset, casting):
+    _check((4099, 4096), dtype, offset, casting, "cuda", "triton")
+
+
+def _check(shape, dtype, offset, casting, device, which):
     x0 = torch.randn(shape, dtype=torch.float64).requires_grad_()
     w0 = (1 + 0.3 * torch.randn(shape[-1], dtype=torch.float64)).requires_grad_()
     oracle = _run(rmsnorm_ref, *leaves([x0, w0], torch.float64), offset, casting)
-    x, w = leaves([x0, w0], dtype)
+    x, w = leaves([x0, w0], dtype, device)
     ref = _run(lambda *a: rmsnorm_ref(*a, upcast=False), x, w, offset, casting)
-    with use_backend("interpret"):
+    with use_backend(which):
         out = _run(rmsnorm, x, w, offset, casting)
     for name, k, r, o in zip(("y", "dx", "dw"), out, ref, oracle):
         assert_kernel_bound(name, k, r, o, dtype)

@@ -28,16 +28,28 @@ def _run(fn, q, k, cos, sin, dim):
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])
 @pytest.mark.parametrize("case", CASES)
 def test_rope_matches_reference(case, unsqueeze_dim, dtype):
+    _check(case, unsqueeze_dim, dtype, "cpu", "interpret")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+def test_rope_triton_on_gpu(unsqueeze_dim, dtype):
+    _check((2, 32, 8, 1000, 128), unsqueeze_dim, dtype, "cuda", "triton")
+
+
+def _check(case, unsqueeze_dim, dtype, device, which):
     B, Hq, Hk, T, D = case
     shape = (lambda h: (B, h, T, D)) if unsqueeze_dim == 1 else (lambda h: (B, T, h, D))
     q0 = torch.randn(shape(Hq), dtype=torch.float64, requires_grad=True)
     k0 = torch.randn(shape(Hk), dtype=torch.float64, requires_grad=True)
     cos, sin = _cos_sin(B, T, D, torch.float64)
     oracle = _run(rope_ref, *leaves([q0, k0], torch.float64), cos, sin, unsqueeze_dim)
-    q, k = leaves([q0, k0], dtype)
-    ref = _run(rope_ref, q, k, cos.to(dtype), sin.to(dtype), unsqueeze_dim)
-    with use_backend("interpret"):
-        out = _run(rope, q, k, cos.to(dtype), sin.to(dtype), unsqueeze_dim)
+    q, k = leaves([q0, k0], dtype, device)
+    cos, sin = cos.to(device, dtype), sin.to(device, dtype)
+    ref = _run(rope_ref, q, k, cos, sin, unsqueeze_dim)
+    with use_backend(which):
+        out = _run(rope, q, k, cos, sin, unsqueeze_dim)
     for name, kern, r, o in zip(("q", "k", "dq", "dk"), out, ref, oracle):
         assert_kernel_bound(name, kern, r, o, dtype)
 

@@ -21,12 +21,23 @@ def _run(fn, gate, up, act):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_glu_matches_reference(shape, act, dtype):
+    _check(shape, act, dtype, "cpu", "interpret")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_glu_triton_on_gpu(act, dtype):
+    _check((4097, 11008), act, dtype, "cuda", "triton")
+
+
+def _check(shape, act, dtype, device, which):
     g0 = (2 * torch.randn(shape, dtype=torch.float64)).requires_grad_()
     u0 = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     oracle = _run(glu_ref, *leaves([g0, u0], torch.float64), act)
-    g, u = leaves([g0, u0], dtype)
+    g, u = leaves([g0, u0], dtype, device)
     ref = _run(lambda *a: glu_ref(*a, upcast=False), g, u, act)
-    with use_backend("interpret"):
+    with use_backend(which):
         out = _run(glu, g, u, act)
     for name, k, r, o in zip(("y", "d_gate", "d_up"), out, ref, oracle):
         assert_kernel_bound(name, k, r, o, dtype)
