@@ -22,9 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-SILU: tl.constexpr = 0
-GELU_TANH: tl.constexpr = 1
-_ACTS = {"silu": 0, "gelu_tanh": 1}
+_ACTS = {"silu": 0, "gelu_tanh": 1}  # the ACT constexpr of the kernels
 _BLOCK = 1024
 
 
