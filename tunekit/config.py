@@ -315,6 +315,6 @@ def format_errors(error: ValidationError, tree: dict) -> list[str]:
             lines.append(_one_line(errs[0], tree))
         else:
             first = _one_line(errs[0], tree)
-            others = [e["msg"] for e in errs[1:]]
+            others = [e["msg"].removeprefix("Input should be ") for e in errs[1:]]
             lines.append(" or ".join([first, *dict.fromkeys(others)]))
     return lines

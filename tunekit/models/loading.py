@@ -104,13 +104,16 @@ def _model_config(cfg: ModelConfig, source: str | None, task: str, label_names: 
     for field, value in cfg.config_overrides.items():
         setattr(config, field, value)
     if task == "seq_cls" and label_names:
+        # A checkpoint's own head (another label set) cannot be reused: start a new one.
+        new_head = source is not None and config.num_labels != len(label_names)
         config.num_labels = len(label_names)
         config.id2label = dict(enumerate(label_names))
         config.label2id = {name: i for i, name in enumerate(label_names)}
-    return config
+        return config, new_head
+    return config, False
 
 
-def _instantiate(cfg: ModelConfig, source: str | None, config, task: str) -> nn.Module:
+def _instantiate(cfg: ModelConfig, source: str | None, config, task: str, new_head: bool) -> nn.Module:
     import transformers
 
     auto = getattr(transformers, TASKS[task])
@@ -124,6 +127,8 @@ def _instantiate(cfg: ModelConfig, source: str | None, config, task: str) -> nn.
                                     trust_remote_code=cfg.trust_remote_code, **kwargs)
         if cfg.quantization is not None:
             kwargs.update(_quantization(cfg))
+        if new_head:
+            kwargs["ignore_mismatched_sizes"] = True
         return auto.from_pretrained(source, config=config, revision=cfg.revision,
                                     trust_remote_code=cfg.trust_remote_code, **kwargs)
     except ValueError as err:
@@ -191,8 +196,8 @@ def load_model(cfg: ModelConfig, *, task: str, num_labels: int | None = None,
         label_names = [f"LABEL_{i}" for i in range(num_labels)]
     source = resolve_source(cfg.name_or_path) if cfg.name_or_path else None
     tokenizer = load_tokenizer(cfg)
-    config = _model_config(cfg, source, task, label_names)
-    model = _instantiate(cfg, source, config, task)
+    config, new_head = _model_config(cfg, source, task, label_names)
+    model = _instantiate(cfg, source, config, task, new_head)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # a pad token was added
     model.config.pad_token_id = tokenizer.pad_token_id

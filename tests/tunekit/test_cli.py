@@ -1,0 +1,56 @@
+"""The `tunekit` command line: version, help for every option, one-line errors, in-process main()."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tunekit import __version__
+from tunekit.cli import build_parser, main
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"tunekit {__version__}"
+
+
+@pytest.mark.parametrize("command", ["finetune", "merge", "generate"])
+def test_help_explains_every_option(capsys, command):
+    assert main([command, "-h"]) == 0
+    text = capsys.readouterr().out
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        assert action.help, f"{command}: {action.dest} has no help"
+        assert (action.option_strings[0] if action.option_strings else action.metavar or action.dest) in text
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "finetune" in capsys.readouterr().out
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    assert main(["train"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["generate", "/no/such/adapter", "--prompt", "hi"], "local folder not found"),
+    (["merge", "/tmp", "--out", "/tmp/x"], "is not an adapter folder"),
+])
+def test_runtime_errors_are_one_line_exit_1(capsys, argv, needle):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "--debug" in err[0]
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ValueError, match="local folder not found"):
+        main(["generate", "/no/such/adapter", "--prompt", "hi", "--debug"])
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "tunekit", "--version"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"tunekit {__version__}"
