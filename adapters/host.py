@@ -95,13 +95,29 @@ class AdapterLayer(AdapterHost):
         return self.cannot_merge_reason(names)
 
     def merge(self, names: Iterable[str] | None = None, safe: bool = True) -> None:
-        reason = self.cannot_merge_reason(list(names or self.active))
+        """Fold ``names`` (default: the active adapters) into the base; already-merged ones are skipped."""
+        names = [n for n in (names if names is not None else self.active) if n not in self.merged]
+        reason = self.cannot_merge_reason(names)
         if reason:
             raise NotMergeableError(reason)
+        with torch.no_grad():
+            for name in names:
+                self._fold(name, safe)
+                self.merged.append(name)
 
     def unmerge(self) -> None:
-        if self.merged:
-            raise NotMergeableError(f"{type(self).__name__} adapters cannot be unmerged")
+        """Undo every merge, last merged first."""
+        with torch.no_grad():
+            while self.merged:
+                self._unfold(self.merged.pop())
+
+    def _fold(self, name: str, safe: bool) -> None:
+        """Add adapter ``name`` into the base weights (only called when ``cannot_merge_reason`` allows)."""
+        raise NotMergeableError(f"{type(self).__name__} adapters cannot be merged into the base weights")
+
+    def _unfold(self, name: str) -> None:
+        """Subtract what ``_fold`` added."""
+        raise NotMergeableError(f"{type(self).__name__} adapters cannot be unmerged")
 
     def eject(self, merge: bool) -> nn.Module:
         """Return the plain module that replaces this wrapper (merged or not)."""

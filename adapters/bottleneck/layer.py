@@ -24,14 +24,13 @@ previous one's output), parallel ones are summed (each sees the sublayer input).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from tunekit.adapters.bottleneck.config import BottleneckConfig
-from tunekit.adapters.hf.layers import base_weight, is_conv1d, is_linear_like, is_quantized
-from tunekit.adapters.host import AdapterLayer, NotMergeableError
+from tunekit.adapters.hf.layers import base_weight, is_linear_like, is_quantized, write_linear
+from tunekit.adapters.host import AdapterLayer
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity,
@@ -174,29 +173,16 @@ class ParallelBottleneck(AdapterLayer):
             return f"parallel bottleneck adapters {names}: the base {type(base).__name__} has no bias to absorb the adapter biases"
         return None
 
-    @torch.no_grad()
-    def _add_delta(self, delta_w: torch.Tensor, delta_b: torch.Tensor, safe: bool) -> None:
+    def _add_delta(self, name: str, sign: float, safe: bool) -> None:
+        delta_w, delta_b = self.adapters[name].delta()
         base = self.base_layer
-        new_w = base_weight(base).float() + delta_w
-        new_b = base.bias.float() + delta_b
-        if safe and not (torch.isfinite(new_w).all() and torch.isfinite(new_b).all()):
-            raise ValueError("merged weight has NaN/Inf values; the adapter is broken, nothing was changed")
-        base.weight.copy_((new_w.T if is_conv1d(base) else new_w).to(base.weight.dtype))
-        base.bias.copy_(new_b.to(base.bias.dtype))
+        write_linear(base, base_weight(base).float() + sign * delta_w, base.bias.float() + sign * delta_b, safe)
 
-    def merge(self, names: Iterable[str] | None = None, safe: bool = True) -> None:
-        names = [n for n in (names if names is not None else self.active) if n not in self.merged]
-        reason = self.cannot_merge_reason(names)
-        if reason:
-            raise NotMergeableError(reason)
-        for name in names:
-            self._add_delta(*self.adapters[name].delta(), safe=safe)
-            self.merged.append(name)
+    def _fold(self, name: str, safe: bool) -> None:
+        self._add_delta(name, 1.0, safe)
 
-    def unmerge(self) -> None:
-        while self.merged:
-            delta_w, delta_b = self.adapters[self.merged.pop()].delta()
-            self._add_delta(-delta_w, -delta_b, safe=False)
+    def _unfold(self, name: str) -> None:
+        self._add_delta(name, -1.0, safe=False)
 
 
 class PostNormParallelBottleneck(ParallelBottleneck):

@@ -68,6 +68,19 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+def write_linear(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None, safe: bool = True) -> None:
+    """Copy a dense ``(out, in)`` weight (and bias) into a linear-like module, in its own layout and dtype.
+
+    With ``safe``, refuses (before writing anything) values that are not finite.
+    """
+    if safe and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+        raise ValueError("merged weight has NaN/Inf values; the adapter is broken, nothing was changed")
+    with torch.no_grad():
+        module.weight.copy_((weight.T if is_conv1d(module) else weight).to(module.weight.dtype))
+        if bias is not None:
+            module.bias.copy_(bias.to(module.bias.dtype))
+
+
 def dequantized_linear(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
     """A plain ``nn.Linear`` holding the (dequantized) weight of ``module``."""
     in_f, out_f = linear_features(module)

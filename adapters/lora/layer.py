@@ -10,13 +10,12 @@ are PEFT's, so a saved adapter maps to PEFT's keys by a prefix.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from tunekit.adapters.hf.layers import base_weight, dequantized_linear, is_conv1d, is_quantized, linear_features
-from tunekit.adapters.host import AdapterLayer, NotMergeableError
+from tunekit.adapters.hf.layers import base_weight, dequantized_linear, is_quantized, linear_features, write_linear
+from tunekit.adapters.host import AdapterLayer
 from tunekit.adapters.lora.config import LoRAConfig
 from tunekit.adapters.lora.variants import DoRAVariant, LoRAVariant
 from tunekit.kernels import lora_linear
@@ -104,33 +103,17 @@ class LoRALayer(AdapterLayer):
     def cannot_eject_merged_reason(self, names: list[str]) -> str | None:
         return None  # a quantized base is dequantized on eject
 
-    def _write_weight(self, new: torch.Tensor, safe: bool) -> None:
-        if safe and not torch.isfinite(new).all():
-            raise ValueError("merged weight has NaN/Inf values; the adapter is broken, nothing was changed")
-        weight = self.base_layer.weight
-        with torch.no_grad():
-            weight.copy_((new.T if is_conv1d(self.base_layer) else new).to(weight.dtype))
+    def _fold(self, name: str, safe: bool) -> None:
+        branch = self.adapters[name]
+        write_linear(self.base_layer, branch.variant.merged_weight(branch, self._weight()), safe=safe)
 
-    @torch.no_grad()
-    def merge(self, names: Iterable[str] | None = None, safe: bool = True) -> None:
-        names = [n for n in (names if names is not None else self.active) if n not in self.merged]
-        reason = self.cannot_merge_reason(names)
-        if reason:
-            raise NotMergeableError(reason)
-        for name in names:
-            branch = self.adapters[name]
-            self._write_weight(branch.variant.merged_weight(branch, self._weight()), safe)
-            self.merged.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        while self.merged:
-            branch = self.adapters[self.merged.pop()]
-            self._write_weight(branch.variant.unmerged_weight(branch, self._weight()), safe=False)
+    def _unfold(self, name: str) -> None:
+        branch = self.adapters[name]
+        write_linear(self.base_layer, branch.variant.unmerged_weight(branch, self._weight()), safe=False)
 
     def eject(self, merge: bool) -> nn.Module:
         if merge and is_quantized(self.base_layer):
-            names = [n for n in self.active if n not in self.merged]
-            dtype = self.base_layer.compute_dtype if hasattr(self.base_layer, "compute_dtype") else torch.float32
-            self.base_layer = dequantized_linear(self.base_layer, dtype or torch.float32)
+            # dequantize -> merge: the result is a plain linear layer in the compute dtype
+            dtype = getattr(self.base_layer, "compute_dtype", None) or torch.float32
+            self.base_layer = dequantized_linear(self.base_layer, dtype)
         return super().eject(merge)
