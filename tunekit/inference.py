@@ -131,7 +131,8 @@ def predict(source: str, prompts: list[str], base: str | None = None, max_new_to
     outputs = []
     for prompt in prompts:
         text = prompt if raw else loaded.render(prompt)
-        inputs = tokenizer(text, return_tensors="pt").to(model.device)
+        # Single texts: type ids would be all zeros (BERT's default); decoders reject them.
+        inputs = tokenizer(text, return_tensors="pt", return_token_type_ids=False).to(model.device)
         if task == "seq_cls":
             label_id = int(model(**inputs).logits[0].argmax())
             outputs.append(str(model.config.id2label[label_id]))
