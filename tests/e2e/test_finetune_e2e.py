@@ -67,8 +67,9 @@ def test_finetune_learns_saves_and_reloads(run, task, method):
 def test_merge_output_loads_with_plain_transformers(run, tmp_path, task, capsys):
     import transformers
 
-    _, out = run(task, "lora")
-    assert main(["merge", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    cfg, out = run(task, "lora")
+    base = ["--base", cfg["model"]["name_or_path"]] if task == "causal_lm" else []  # explicit or recorded
+    assert main(["merge", str(out / "adapter"), "--out", str(tmp_path / "merged"), *base]) == 0
     assert "merged model written to" in capsys.readouterr().out
     auto = {"causal_lm": transformers.AutoModelForCausalLM,
             "seq_cls": transformers.AutoModelForSequenceClassification}[task]

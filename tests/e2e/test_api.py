@@ -1,0 +1,60 @@
+"""The Python API: tunekit.finetune(dict | YAML path | FinetuneConfig) -> FinetuneResult."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from _tiny_runs import run_config
+from _tolerances import FP32_EXACT, max_abs_diff
+from transformers import AutoModelForCausalLM
+
+import tunekit
+from tunekit.cli import main
+from tunekit.inference import load_adapted
+
+IDS = torch.tensor([[1, 30, 40, 50, 60]])
+
+
+def test_finetune_dict_with_merged_output(tmp_path, capsys):
+    cfg = run_config(tmp_path, "causal_lm", "lora")
+    cfg["output"]["save_merged"] = True
+    result = tunekit.finetune(cfg)
+    assert isinstance(result, tunekit.FinetuneResult)
+    assert result.metrics["loss"] < result.metrics_before["loss"]
+    assert result.metrics_file.is_file() and result.config_file.name == "resolved_config.yaml"
+    assert f"adapter saved to {result.adapter_dir}" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(result.merged_dir).eval()
+    adapted = load_adapted(result.adapter_dir).model
+    with torch.no_grad():
+        assert max_abs_diff(merged(input_ids=IDS).logits, adapted(input_ids=IDS).logits) <= FP32_EXACT
+
+
+def test_from_config_base_is_saved_so_the_adapter_reloads(tmp_path):
+    cfg = run_config(tmp_path, "causal_lm", "lora")
+    tiny = cfg["model"]["name_or_path"]
+    cfg["model"] = {"from_config": True, "model_type": "llama", "tokenizer": tiny,
+                    "config_overrides": {"vocab_size": 96, "hidden_size": 16, "intermediate_size": 32,
+                                         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = tunekit.finetune(str(path), ["train.max_steps=2"])
+    assert (result.output_dir / "base" / "config.json").is_file()
+    reloaded = load_adapted(result.adapter_dir).model
+    assert reloaded.config.hidden_size == 16 and result.train.global_step == 2
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("distributed.strategy=fsdp", "distributed.strategy='fsdp'"),
+    ("hub.push=true", "hub.push=true"),
+])
+def test_sections_without_an_engine_fail_before_loading(tmp_path, capsys, override, needle):
+    cfg = run_config(tmp_path, "causal_lm", "lora")
+    cfg["model"]["name_or_path"] = str(tmp_path / "never-loaded")
+    cfg["hub"] = {"repo_id": "me/x"}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()  # drop the tiny model's save progress
+    assert main(["finetune", str(path), override]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
