@@ -58,3 +58,21 @@ def test_sections_without_an_engine_fail_before_loading(tmp_path, capsys, overri
     assert main(["finetune", str(path), override]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_qlora_run_with_checkpointing_then_unquantized_merge(tmp_path, capsys):
+    # The run evaluates before training: with bitsandbytes' CPU inference repacking left on,
+    # that eval would leave the 4-bit layers giving zero gradients (loss would not move).
+    cfg = run_config(tmp_path, "causal_lm", "lora")
+    cfg["model"]["quantization"] = {"bits": 4, "compute_dtype": "fp32"}
+    cfg["train"]["gradient_checkpointing"] = True
+    result = tunekit.finetune(cfg)
+    assert result.metrics["loss"] < result.metrics_before["loss"]
+    assert all(r["grad_norm"] > 0 for r in result.train.history if r.get("split") == "train")
+    reloaded = load_adapted(result.adapter_dir).model
+    assert type(reloaded.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    capsys.readouterr()
+    assert main(["merge", str(result.adapter_dir), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(merged.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+    assert merged.dtype == torch.float32

@@ -178,6 +178,13 @@ def prepare_quantized(model: nn.Module) -> None:
     # With gradient checkpointing and a frozen base nothing before the first
     # block requires grad, so reentrant checkpointing would drop every adapter grad.
     model.enable_input_require_grads()
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            # bitsandbytes 0.50's CPU fast path repacks a 4-bit weight in place on the first
+            # no-grad eval forward; every training forward after that (e.g. after an
+            # evaluation) gets zero gradients, and layers with 32 input features crash.
+            # This per-module switch keeps the layout that trains.
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_model(cfg: ModelConfig, *, task: str, num_labels: int | None = None,
