@@ -49,8 +49,9 @@ class SplitStats:
 
     def summary(self) -> str:
         """One line for the log."""
-        text = (f"{self.rows_used}/{self.rows_read} rows used, {self.tokens} tokens "
-                f"({self.loss_tokens} in the loss), {self.truncated} truncated")
+        # classification rows have one label each, not token targets: no loss-token count then
+        in_loss = f" ({self.loss_tokens} in the loss)" if self.loss_tokens else ""
+        text = f"{self.rows_used}/{self.rows_read} rows used, {self.tokens} tokens{in_loss}, {self.truncated} truncated"
         if self.packed_rows is not None:
             text += f", packed into {self.packed_rows} rows"
         if self.bad_rows:
