@@ -135,3 +135,16 @@ def test_injected_adapters_follow_the_models_mode():
     assert layers and not any(m.training for layer in layers for m in layer.modules())
     model.train()
     assert all(m.training for layer in layers for m in layer.modules())
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_trainable_count_matches_closed_form(use_dora):
+    """Per wrapped (in, out) layer: r·(in + out) (+ out for DoRA's magnitude); tiny Llama GQA 4:2, head 8."""
+    model = TINY_MODELS["llama"]()
+    hidden, inter, kv, layers, r = 32, 64, 2 * 8, 2, 4
+    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden),  # q, k, v, o
+              (hidden, inter), (hidden, inter), (inter, hidden)]                # gate, up, down
+    per_layer = sum(r * (i + o) + (o if use_dora else 0) for i, o in shapes)
+    report = inject_adapters(model, LoRAConfig(rank=r, target_modules="all-linear", use_dora=use_dora))
+    assert report.trainable_params == trainable_parameters(model).trainable == layers * per_layer
+    assert len(report.wrapped) == layers * len(shapes)

@@ -122,3 +122,26 @@ def test_fused_causal_lm_loss_with_prompt_tuning_virtual_tokens():
     model, batch = tiny_llama(layers=1), _batch()
     inject_adapters(model, PromptConfig(num_virtual_tokens=3))
     _assert_same(_loss_and_grads(model, batch, fused_causal_lm_loss), _loss_and_grads(model, batch))
+
+
+@pytest.mark.slow
+def test_full_kernel_stack_under_the_interpreter_matches_stock_llama():
+    """Every tunekit kernel at once on Triton (interpreted): attention, RMSNorm, SwiGLU, fused LoRA
+    linear and fused linear+CE give the loss and adapter gradients of a stock sdpa Llama with LoRA."""
+    from tunekit.models.attention import register_tunekit_attention
+
+    register_tunekit_attention()
+    batch = _batch()
+    torch.manual_seed(0)
+    stock = tiny_llama(layers=1, attn_implementation="sdpa")
+    fast = tiny_llama(layers=1, attn_implementation="tunekit")
+    fast.load_state_dict(stock.state_dict())
+    for model in (stock, fast):
+        torch.manual_seed(1)
+        inject_adapters(model, LoRAConfig(rank=4, init="random", target_modules="all-linear"))
+    expected = _loss_and_grads(stock, batch)
+    report = apply_kernels(fast)
+    assert report.swapped["rmsnorm"] and report.swapped["swiglu"]
+    with use_backend("interpret"):
+        got = _loss_and_grads(fast, batch, fused_causal_lm_loss)
+    _assert_same(got, expected)
