@@ -58,6 +58,8 @@ class FinetuneResult:
     """``resolved_config.yaml``."""
     train: Any
     """The trainer's ``TrainResult`` (steps, tokens/s, history, ...)."""
+    interrupted: bool = False
+    """Stopped by SIGINT/SIGTERM: a checkpoint was saved, no final adapter; rerun to resume."""
 
 
 def _check_runnable(cfg: FinetuneConfig) -> None:
@@ -160,6 +162,13 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, overrides:
     has_eval = data.eval is not None and len(data.eval) > 0
     before = trainer.evaluate() if cfg.output.eval_before and has_eval else None
     trained = trainer.fit()
+    if trained.interrupted:
+        # A half-trained adapter must not look like the run's result: keep only the checkpoint.
+        print(f"interrupted at step {trained.global_step}; run the same command again to resume "
+              f"from {trained.checkpoint_dir}")
+        return FinetuneResult(metrics={}, metrics_before=before, output_dir=out, adapter_dir=out / "adapter",
+                              merged_dir=None, metrics_file=trained.metrics_file, config_file=config_file,
+                              train=trained, interrupted=True)
     after = trained.final_metrics or (trained.history[-1] if trained.history else {})
     adapter_dir, merged_dir = _save(cfg, out, model, tokenizer, base)
     (out / "results.json").write_text(json.dumps({"before": before, "after": after}, indent=2) + "\n")

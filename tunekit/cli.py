@@ -101,8 +101,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
         return 0
     from tunekit.api import finetune
 
-    finetune(cfg)
-    return 0
+    result = finetune(cfg)
+    return EXIT_INTERRUPTED if result.interrupted else 0
 
 
 def _run_merge(args: argparse.Namespace) -> int:
