@@ -65,11 +65,14 @@ class LoRALayer(AdapterLayer):
     def _weight(self) -> torch.Tensor:
         return base_weight(self.base_layer)
 
-    def _fused_ok(self, names: list[str]) -> bool:
+    def _fused_ok(self, names: list[str], x: torch.Tensor) -> bool:
         # The fused path bypasses base_layer.forward, so only for a plain nn.Linear
-        # without hooks (tensor-parallel and FSDP hooks must still run).
+        # without hooks (tensor-parallel and FSDP hooks must still run); and not under
+        # autocast, which does not reach into a custom autograd Function.
         base = self.base_layer
         if len(names) != 1 or type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return False
+        if torch.is_autocast_enabled(x.device.type):
             return False
         branch = self.adapters[names[0]]
         return type(branch.variant) is LoRAVariant and isinstance(branch.dropout, nn.Identity)
@@ -78,7 +81,7 @@ class LoRALayer(AdapterLayer):
         names = self.unmerged_active()
         if not names:
             return self.base_layer(x, *args, **kwargs)
-        if self._fused_ok(names):
+        if self._fused_ok(names, x):
             branch = self.adapters[names[0]]
             if x.dtype == branch.lora_A.weight.dtype == self.base_layer.weight.dtype:
                 base = self.base_layer

@@ -22,6 +22,7 @@ from tunekit.adapters import (
     trainable_parameters,
     unmerge_adapters,
 )
+from tunekit.kernels import use_backend
 
 ROWS = [
     ("llama", dict()),
@@ -148,3 +149,18 @@ def test_trainable_count_matches_closed_form(use_dora):
     report = inject_adapters(model, LoRAConfig(rank=r, target_modules="all-linear", use_dora=use_dora))
     assert report.trainable_params == trainable_parameters(model).trainable == layers * per_layer
     assert len(report.wrapped) == layers * len(shapes)
+
+
+def test_lora_forward_follows_autocast():
+    """Under bf16 autocast the LoRA layer computes in bf16 like the linear layers around it."""
+    model = TINY_MODELS["llama"]()
+    inject_adapters(model, LoRAConfig(rank=4, init="random"))
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, 32)
+    # The Triton path is a custom autograd Function that autocast does not reach, so the layer
+    # must leave it under autocast (the CPU reference path is autocast-aware either way).
+    with use_backend("interpret"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert out.dtype == torch.bfloat16
+        assert layer(x).dtype == torch.float32
