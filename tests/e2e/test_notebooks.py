@@ -87,7 +87,7 @@ def test_adapters_api_notebook_runs_from_the_repo_root(tmp_path, monkeypatch):
 def test_finetune_notebook_runs_from_the_notebooks_folder(tmp_path, monkeypatch):
     ns = _run("02_finetune_quickstart.ipynb", NOTEBOOKS, tmp_path, monkeypatch)
     result = ns["result"]
-    assert result.output_dir.parent == tmp_path / ns["WORK"].name
+    assert result.output_dir.is_relative_to(tmp_path)  # nothing written into the repository
     assert result.metrics["accuracy"] > result.metrics_before["accuracy"]
     assert result.metrics["loss"] < result.metrics_before["loss"]
     assert set(ns["predicted"]) <= set(ns["labels"]) and ns["predicted"][:2] == ["weather", "sports"]
