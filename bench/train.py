@@ -134,8 +134,8 @@ def reset_lora(model: torch.nn.Module) -> int:
     return len(params)
 
 
-def _run_peer(spec: dict, rows: list[dict], collate: Collate, clock: StepClock) -> tuple[torch.nn.Module, float]:
-    """PEFT + transformers.Trainer; returns the model and the mean train loss."""
+def _run_peer(spec: dict, rows: list[dict], collate: Collate, clock: StepClock) -> tuple[torch.nn.Module, float, float]:
+    """PEFT + transformers.Trainer; returns the model, the mean train loss and the held-out loss at init."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -143,6 +143,7 @@ def _run_peer(spec: dict, rows: list[dict], collate: Collate, clock: StepClock) 
     model = get_peft_model(build_model(spec), LoraConfig(
         r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"))
     reset_lora(model)
+    init_loss = heldout_loss(model, spec)
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -162,7 +163,7 @@ def _run_peer(spec: dict, rows: list[dict], collate: Collate, clock: StepClock) 
         trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                           data_collator=collate, callbacks=[Timer()])
         result = trainer.train()
-    return model, result.training_loss
+    return model, result.training_loss, init_loss
 
 
 class _BenchData:
@@ -178,13 +179,14 @@ class _BenchData:
 
 
 def _run_tunekit(spec: dict, rows: list[dict], collate: Collate, clock: StepClock, fused: bool):
-    """tunekit inject_adapters + Trainer.fit; returns the model and the mean train loss."""
+    """tunekit inject_adapters + Trainer.fit; returns the model, the mean train loss and the held-out loss at init."""
     from tunekit.adapters import LoRAConfig, inject_adapters
     from tunekit.train import Trainer, TrainConfig
 
     model = build_model(spec)
     inject_adapters(model, LoRAConfig(rank=RANK, alpha=ALPHA, dropout=0.0, target_modules=TARGETS))
     reset_lora(model)
+    init_loss = heldout_loss(model, spec)
     total = spec["warmup"] + spec["steps"]
     cfg = TrainConfig(batch_size=spec["batch"], lr=LR, max_steps=total, log_every=total, seed=SEED,
                       fused_cross_entropy=fused, resume="never")
@@ -198,7 +200,7 @@ def _run_tunekit(spec: dict, rows: list[dict], collate: Collate, clock: StepCloc
 
     with tempfile.TemporaryDirectory() as out:
         result = ClockedTrainer(model, _BenchData(rows, collate), cfg, out).fit()
-    return model, result.history[-1]["loss"]
+    return model, result.history[-1]["loss"], init_loss
 
 
 def heldout_loss(model: torch.nn.Module, spec: dict) -> float:
@@ -219,14 +221,14 @@ def worker(name: str, spec: dict, gated: bool = False) -> dict:
     rows = synthetic_rows(spec, spec["batch"] * (spec["warmup"] + spec["steps"]), seed=SEED)
     collate, clock = Collate(), StepClock(gated)
     if name == "peer":
-        model, train_loss = _run_peer(spec, rows, collate, clock)
+        model, train_loss, init_loss = _run_peer(spec, rows, collate, clock)
     else:
-        model, train_loss = _run_tunekit(spec, rows, collate, clock, fused=name.endswith("fused_ce"))
+        model, train_loss, init_loss = _run_tunekit(spec, rows, collate, clock, fused=name.endswith("fused_ce"))
     timed = clock.times[spec["warmup"]:]
     return {
         "contender": name, "s_per_step": statistics.median(timed), "steps_timed": len(timed),
         "tokens": collate.tokens, "tokens_per_step": collate.tokens / len(clock.times),
-        "train_loss": train_loss, "final_loss": heldout_loss(model, spec),
+        "train_loss": train_loss, "init_loss": init_loss, "final_loss": heldout_loss(model, spec),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
@@ -282,6 +284,7 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
             "s_per_step": s, "tokens_per_s": mine[0]["tokens_per_step"] / s,
             "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in mine),
             "final_loss": mine[0]["final_loss"], "train_loss": mine[0]["train_loss"],
+            "init_loss": mine[0]["init_loss"],
             "tokens": mine[0]["tokens"], "repeats": len(mine),
         }
     return out
@@ -299,6 +302,7 @@ def print_table(summary: dict[str, dict]) -> None:
             ratio = "" if name == "peer" else f" (x{r[key] / peer[key]:.3f})"
             cells.append(f"{r[key]:{fmt}}{ratio}")
         print(f"| {name} | {' | '.join(cells)} | {r['tokens']:,} |")
+    print(f"\nheld-out loss moved {peer['final_loss'] - peer['init_loss']:+.2e} in training (peer)", end="")
     for name, r in summary.items():
         if name != "peer":
             print(f"\n{name} vs peer: |final loss diff| {abs(r['final_loss'] - peer['final_loss']):.2e}, "

@@ -29,7 +29,7 @@ def test_report_has_both_rows_with_equal_tokens_and_losses(tmp_path, capsys):
     summary = json.loads(out.read_text())["summary"]
     assert list(summary) == ["peer", "tunekit"]
     for row in summary.values():
-        for key in ("s_per_step", "tokens_per_s", "peak_rss_mib", "final_loss", "train_loss"):
+        for key in ("s_per_step", "tokens_per_s", "peak_rss_mib", "init_loss", "final_loss", "train_loss"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
     assert summary["peer"]["tokens"] == summary["tunekit"]["tokens"] == 2 * 16 * (1 + 2)
     assert abs(summary["peer"]["final_loss"] - summary["tunekit"]["final_loss"]) <= FP32_EXACT
