@@ -28,8 +28,11 @@ clip, optimizer and scheduler (tunekit's also includes collating its batch;
 transformers' batch is fetched before its step-begin callback). Per run the
 median over the steps after warmup; over ``--repeats`` fresh sets of
 processes, the median of those. "final loss" is the loss of the trained model
-on a held-out batch; "train loss" is the mean
-training loss over all steps. Prints a markdown table with tunekit/peer ratios.
+on a held-out batch; "train loss" is the mean training loss over all steps.
+"RSS added by steps" is peak RSS minus peak RSS when the first step began
+(imports, model and trainer built): the training steps' own memory, without
+the import footprint (PEFT + transformers.Trainer + datasets import ~130 MiB
+more than tunekit on this stack). Prints a markdown table with tunekit/peer ratios.
 """
 
 from __future__ import annotations
@@ -90,6 +93,13 @@ class Collate:
         return batch
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class StepClock:
     """Times optimizer steps. Gated (under the parent): prints ``WAIT`` and waits for a ``go`` line on
     stdin before each step, prints ``STEP <seconds>`` after it; so the parent can start the first step
@@ -97,8 +107,11 @@ class StepClock:
 
     def __init__(self, gated: bool) -> None:
         self.gated, self.times, self._t0 = gated, [], 0.0
+        self.setup_rss_mib: float | None = None  # peak RSS before the first step: imports, model, trainer
 
     def begin(self) -> None:
+        if self.setup_rss_mib is None:
+            self.setup_rss_mib = peak_rss_mib()
         if self.gated:
             print("WAIT", flush=True)
         if self.gated and not sys.stdin.readline():
@@ -215,8 +228,6 @@ def heldout_loss(model: torch.nn.Module, spec: dict) -> float:
 
 def worker(name: str, spec: dict, gated: bool = False) -> dict:
     """Run contender ``name`` once in this process; its timings, losses, tokens and peak memory."""
-    import resource
-
     torch.set_num_threads(spec["threads"])
     rows = synthetic_rows(spec, spec["batch"] * (spec["warmup"] + spec["steps"]), seed=SEED)
     collate, clock = Collate(), StepClock(gated)
@@ -229,7 +240,7 @@ def worker(name: str, spec: dict, gated: bool = False) -> dict:
         "contender": name, "s_per_step": statistics.median(timed), "steps_timed": len(timed),
         "tokens": collate.tokens, "tokens_per_step": collate.tokens / len(clock.times),
         "train_loss": train_loss, "init_loss": init_loss, "final_loss": heldout_loss(model, spec),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(), "train_rss_mib": peak_rss_mib() - clock.setup_rss_mib,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
 
@@ -283,6 +294,7 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
         out[name] = {
             "s_per_step": s, "tokens_per_s": mine[0]["tokens_per_step"] / s,
             "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in mine),
+            "train_rss_mib": statistics.median(r["train_rss_mib"] for r in mine),
             "final_loss": mine[0]["final_loss"], "train_loss": mine[0]["train_loss"],
             "init_loss": mine[0]["init_loss"],
             "tokens": mine[0]["tokens"], "repeats": len(mine),
@@ -293,13 +305,13 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
 def print_table(summary: dict[str, dict]) -> None:
     """Markdown table: one row per contender, each metric with its ratio to the peer row."""
     peer = summary["peer"]
-    print("| contender | s/step | tokens/s | peak RSS MiB | final loss | train loss | tokens |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| contender | s/step | tokens/s | peak RSS MiB | RSS added by steps MiB | final loss | train loss | tokens |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in summary.items():
         cells = []
         for key, fmt in (("s_per_step", ".3f"), ("tokens_per_s", ",.0f"), ("peak_rss_mib", ",.0f"),
-                         ("final_loss", ".5f"), ("train_loss", ".5f")):
-            ratio = "" if name == "peer" else f" (x{r[key] / peer[key]:.3f})"
+                         ("train_rss_mib", ",.0f"), ("final_loss", ".5f"), ("train_loss", ".5f")):
+            ratio = "" if name == "peer" or not peer[key] else f" (x{r[key] / peer[key]:.3f})"
             cells.append(f"{r[key]:{fmt}}{ratio}")
         print(f"| {name} | {' | '.join(cells)} | {r['tokens']:,} |")
     print(f"\nheld-out loss moved {peer['final_loss'] - peer['init_loss']:+.2e} in training (peer)", end="")
