@@ -36,6 +36,7 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) bench/kernels.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) runs
