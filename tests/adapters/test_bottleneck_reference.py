@@ -169,7 +169,7 @@ def test_parallel_linear_merge_equals_unmerged(arch):
     (dict(target_modules=["down_proj"], activation="relu"), "not linear maps"),
 ])
 def test_parallel_merge_refused_before_any_weight_changes(kw, message):
-    model, inputs = tiny_llama(), tiny_inputs("llama")
+    model = tiny_llama()
     inject_adapters(model, LoRAConfig(rank=2, init="random"), name="lora")  # mergeable on its own
     inject_adapters(model, BottleneckConfig(variant="parallel", hidden_size=2, init="random",
                                             **{"activation": "identity", **kw}), name="adapter")
