@@ -7,7 +7,9 @@ repetitions) and the peak memory allocated during one forward + backward:
 
 - eager:   the code transformers runs (LlamaRMSNorm, apply_rotary_pos_emb,
            ACT2FN["silu"](gate) * up, full logits + F.cross_entropy, LoRA as
-           base + separate low-rank branch);
+           base + separate low-rank branch, eager attention: repeat_kv + masked softmax);
+- sdpa:    for attention, ``F.scaled_dot_product_attention`` (transformers' default);
+- flash-attn: for attention, ``flash_attn_func`` where flash-attn is installed (GPU);
 - tunekit: the public ``tunekit.kernels`` op (Triton on a GPU, the PyTorch
            reference on a CPU: on a CPU this row measures the reference path);
 - compile: ``torch.compile`` of the eager function.
@@ -42,9 +44,41 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb  # noqa: E402
 
-from tunekit.kernels import fused_linear_cross_entropy, lora_linear, rmsnorm, rope, swiglu  # noqa: E402
+from tunekit.kernels import (  # noqa: E402
+    flash_attention,
+    fused_linear_cross_entropy,
+    lora_linear,
+    rmsnorm,
+    rope,
+    swiglu,
+)
 
-HIDDEN, INTER, HEADS, HEAD_DIM, VOCAB, RANK = 512, 1376, 8, 64, 8192, 16
+HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, RANK = 512, 1376, 8, 2, 64, 8192, 16
+
+
+def eager_attention(q, k, v):
+    """transformers' eager path: repeat the KV heads, causal-masked softmax(QKᵀ/√d) V."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    T = q.shape[-2]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+def attention_impls() -> dict:
+    impls = {
+        "eager": lambda q, k, v: eager_attention(q, k, v).sum(),
+        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum(),
+        "tunekit": lambda q, k, v: flash_attention(q, k, v, causal=True).sum(),
+    }
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
+        from flash_attn import flash_attn_func  # (B, T, H, D) layout
+
+        impls["flash-attn"] = lambda q, k, v: flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).sum()
+    return impls
 
 
 class PeakStorage(TorchDispatchMode):
@@ -91,7 +125,9 @@ def make_cases(T: int, dtype, device):
     labels = torch.randint(0, VOCAB, (T,), device=device)
     w = _leaf((HIDDEN, HIDDEN), dtype, device, grad=False, scale=0.05)
     a, b = _leaf((RANK, HIDDEN), dtype, device, scale=0.05), _leaf((HIDDEN, RANK), dtype, device, scale=0.05)
+    kv = [_leaf((1, KV_HEADS, T, HEAD_DIM), dtype, device) for _ in range(2)]
     return {
+        "attention": ((q, *kv), attention_impls()),
         "rmsnorm": ((x, norm.weight), {
             "eager": lambda x, wt: norm(x).sum(), "tunekit": lambda x, wt: rmsnorm(x, wt).sum()}),
         "rope": ((q, k, cos, sin), {
@@ -186,12 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available()
     print(f"device: {torch.cuda.get_device_name() if gpu else 'CPU'}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, dtype {'bf16' if gpu else 'fp32'}; "
-          f"H={HIDDEN} I={INTER} heads={HEADS}x{HEAD_DIM} V={VOCAB} r={RANK}")
+          f"H={HIDDEN} I={INTER} heads={HEADS}x{HEAD_DIM} (KV {KV_HEADS}) V={VOCAB} r={RANK}")
     if not gpu:
         print("No GPU: tunekit rows run the PyTorch reference path; Triton kernel figures need a CUDA GPU.")
-    for pkg, label in (("liger_kernel", "Liger-Kernel"), ("flash_attn", "flash-attn")):
-        state = "installed, not compared by this script" if importlib.util.find_spec(pkg) else "not installed"
-        print(f"{label}: {state}.")
+    print(f"flash-attn: {'compared on GPU' if importlib.util.find_spec('flash_attn') else 'not installed'}; "
+          f"Liger-Kernel: {'installed, not compared' if importlib.util.find_spec('liger_kernel') else 'not installed'}.")
     print()
     print_table(run(args.seq_lens, not args.no_compile, args.reps_seconds))
     return 0

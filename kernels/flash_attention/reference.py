@@ -114,6 +114,12 @@ def _dense(q, k, v, causal, scale, attn_mask, key_padding_mask, return_lse):
         lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32) if return_lse else None
         return torch.zeros_like(q), lse
     gqa = q.shape[1] != k.shape[1]
+    if causal and len_q == len_k and attn_mask is None and key_padding_mask is None:
+        # Equal lengths: bottom-right and top-left alignment coincide and no row is empty,
+        # so SDPA's own causal path is exact and builds no (Lq, Lk) mask (2x faster on a CPU).
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        lse = _lse(q, k, scale, visibility_bias(len_q, len_k, causal=True, device=q.device)) if return_lse else None
+        return out, lse
     bias = visibility_bias(len_q, len_k, causal=causal, attn_mask=attn_mask,
                            key_padding_mask=key_padding_mask, device=q.device)
     if bias is None:
