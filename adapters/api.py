@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from tunekit.adapters.config import AdapterConfig
+from tunekit.adapters.hf.layers import keep_4bit_layout_trainable
 from tunekit.adapters.host import AdapterHost, AdapterLayer, ModulesToSave, NotMergeableError
 from tunekit.adapters.injection import InjectionReport, find_targets, replace_module, wrap_targets
 from tunekit.adapters.registry import iter_hosts, method_for
@@ -47,6 +48,7 @@ def inject_adapters(
     if name in configs:
         raise ValueError(f"model already has an adapter named {name!r}; delete_adapter() it or pick another name")
     method = method_for(config)
+    keep_4bit_layout_trainable(model)  # gradients must flow back through every 4-bit layer
     wrapped = method.inject(model, config, name)
     if config.modules_to_save:
         targets = find_targets(model, config.modules_to_save)

@@ -81,6 +81,29 @@ def write_linear(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | N
             module.bias.copy_(bias.to(module.bias.dtype))
 
 
+def keep_4bit_layout_trainable(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` on its trainable CPU layout; returns how many.
+
+    bitsandbytes 0.50's CPU fast path repacks a 4-bit weight in place on the first
+    forward in eval mode without grad; from then on no gradient flows back through
+    the layer, so adapters *before* it silently stop learning. This per-module switch
+    turns that path off, and a weight already repacked is converted back (its absmax
+    keeps the bf16 rounding the repack applied).
+    """
+    count = 0
+    for module in model.modules():
+        if _bnb_kind(module) != "4bit":
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            import bitsandbytes.functional as bnbF
+
+            weight.data, weight.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        count += 1
+    return count
+
+
 def dequantized_linear(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
     """A plain ``nn.Linear`` holding the (dequantized) weight of ``module``."""
     in_f, out_f = linear_features(module)

@@ -65,6 +65,38 @@ def test_training_reduces_loss_on_4bit_base(tiny_llama_dir):
     assert losses[-1] < losses[0] - 0.05, losses
 
 
+def test_adapters_keep_learning_after_an_evaluation(tiny_llama_dir):
+    """An eval-mode no-grad forward (an evaluation) must not stop gradients through 4-bit layers."""
+    model = _load_4bit(tiny_llama_dir)
+    inject_adapters(model, LoRAConfig(rank=4, target_modules=["q_proj"]))
+    batch = tiny_inputs("llama")
+    batch["labels"] = batch["input_ids"]
+
+    def first_layer_grad():
+        model.train()
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return model.model.layers[0].self_attn.q_proj.adapters["default"].lora_B.weight.grad.clone()
+
+    before = first_layer_grad()
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    after = first_layer_grad()
+    assert before.abs().sum() > 0
+    assert max_abs_diff(after, before) <= FP32_EXACT
+
+
+def test_injection_undoes_an_earlier_repack(tiny_llama_dir):
+    model = _load_4bit(tiny_llama_dir).eval()
+    with torch.no_grad():
+        model(**tiny_inputs("llama"))  # repacks every 4-bit layer
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.quant_state.packing_format_for_cpu
+    inject_adapters(model, LoRAConfig(rank=4))
+    assert not q_proj.weight.quant_state.packing_format_for_cpu  # q_proj is now the wrapped base_layer
+
+
 def test_base_weight_reads_repacked_4bit_weights(tiny_llama_dir):
     from tunekit.adapters.hf.layers import base_weight
 

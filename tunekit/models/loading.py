@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunekit.adapters.hf.layers import keep_4bit_layout_trainable
 from tunekit.models.config import ModelConfig
 
 __all__ = ["TASKS", "load_model", "load_tokenizer", "resolve_source"]
@@ -178,13 +179,8 @@ def prepare_quantized(model: nn.Module) -> None:
     # With gradient checkpointing and a frozen base nothing before the first
     # block requires grad, so reentrant checkpointing would drop every adapter grad.
     model.enable_input_require_grads()
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            # bitsandbytes 0.50's CPU fast path repacks a 4-bit weight in place on the first
-            # no-grad eval forward; every training forward after that (e.g. after an
-            # evaluation) gets zero gradients, and layers with 32 input features crash.
-            # This per-module switch keeps the layout that trains.
-            module.support_avx512bf16_for_cpu = False
+    # bitsandbytes' CPU repack would stop gradients after the first evaluation.
+    keep_4bit_layout_trainable(model)
 
 
 def load_model(cfg: ModelConfig, *, task: str, num_labels: int | None = None,
