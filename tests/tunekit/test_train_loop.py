@@ -171,9 +171,19 @@ def test_early_stopping_triggers_after_patience(tmp_path):
     # Training lowers the loss, so with "max" every evaluation after the first is a non-improvement.
     cfg = TrainConfig(max_steps=10, batch_size=4, lr=3e-2, eval_every=1, early_stopping_patience=2,
                       early_stopping_mode="max", resume="never")
-    result = Trainer(*learner(), cfg, tmp_path).fit()
+    torch.manual_seed(0)
+    model, data = learner()
+    result = Trainer(model, data, cfg, tmp_path / "stopped").fit()
     assert result.stopped_early and result.global_step == 3 and result.best_step == 1
     assert [h["step"] for h in result.history if h["split"] == "eval"] == [1, 2, 3]
+
+    # The best weights (step 1) come back, as transformers' load_best_model_at_end does.
+    torch.manual_seed(0)
+    one_step_model, data = learner()
+    one_step = Trainer(one_step_model, data, cfg.model_copy(update={"max_steps": 1}), tmp_path / "one").fit()
+    assert trainable(model).keys() == trainable(one_step_model).keys()
+    assert all(torch.equal(a, b) for a, b in zip(trainable(model).values(), trainable(one_step_model).values()))
+    assert result.final_metrics == result.best_metrics == one_step.final_metrics
 
 
 def test_unknown_early_stopping_metric_names_the_choices(tmp_path):

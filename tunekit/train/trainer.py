@@ -136,6 +136,9 @@ class Trainer:
         self.optimizer = self.accelerator.prepare_optimizer(optimizer)
         self._pending: list[dict[str, float]] = []  # step metrics since the last train log line
         self._last_save: Path | None = None
+        # With early stopping, the trainable weights of the best evaluation (adapters are small),
+        # restored when training stops, as transformers' load_best_model_at_end does.
+        self._best_weights: dict[str, torch.Tensor] | None = None
 
     def _setup_model(self, wrap_model: Callable[[nn.Module], nn.Module] | None) -> None:
         if self.cfg.gradient_checkpointing:
@@ -277,6 +280,9 @@ class Trainer:
         sign = 1.0 if self.cfg.lower_is_better() else -1.0
         if best is None or sign * metrics[key] < sign * best[key]:
             progress.best_metrics, progress.best_step, progress.bad_evals = metrics, progress.global_step, 0
+            if self.cfg.early_stopping_patience:
+                self._best_weights = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                                      if p.requires_grad}
         else:
             progress.bad_evals += 1
             patience = self.cfg.early_stopping_patience
@@ -312,14 +318,29 @@ class Trainer:
             print(f"resuming from {folder} at step {progress.global_step}")
         return progress
 
+    def _restore_best(self, progress: Progress, log: RunLogger) -> dict[str, float] | None:
+        """Put back the weights of the best evaluation; returns its metrics (None if not kept)."""
+        if self._best_weights is None:  # the best was before a resume: its weights were not kept
+            log.message(f"the best evaluation (step {progress.best_step}) predates the resume; keeping the last weights")
+            return None
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self._best_weights.items():
+                params[name].copy_(value)
+        log.message(f"restored the weights of step {progress.best_step}, the best evaluation")
+        return dict(progress.best_metrics)
+
     def _finish(self, progress: Progress, log: RunLogger, interrupted: bool) -> TrainResult:
         final = None
         if self._has_eval() and not interrupted:
-            last = progress.history[-1] if progress.history else {}
-            if last.get("split") == "eval" and last["step"] == progress.global_step:  # early stop just evaluated
-                final = {k: v for k, v in last.items() if k not in ("split", "step")}
+            if progress.stopped_early:  # it stopped right after evaluating this step
+                final = {k: v for k, v in progress.history[-1].items() if k not in ("split", "step")}
             else:
                 final = self._evaluate_and_track(progress, log)
+                progress.stopped_early = False  # the end-of-run evaluation stops nothing
+        best = progress.best_step
+        if self.cfg.early_stopping_patience and not interrupted and best is not None and best != progress.global_step:
+            final = self._restore_best(progress, log) or final
         if interrupted or self.cfg.save_every:
             self._save(progress)
         result = TrainResult(
