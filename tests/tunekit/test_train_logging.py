@@ -59,3 +59,16 @@ def test_disabled_logger_writes_nothing(tmp_path):
     log.log("train", 1, {"loss": 1.0})
     log.close()
     assert stream.getvalue() == "" and not (tmp_path / "run").exists()
+
+
+def test_a_fresh_run_starts_the_log_and_a_resume_drops_records_after_its_checkpoint(tmp_path):
+    def log_steps(start, steps):
+        logger = RunLogger(tmp_path, total_steps=10, start_step=start, stream=io.StringIO())
+        for step in steps:
+            logger.log("train", step, {"loss": 1.0})
+        logger.close()
+        return [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+    assert log_steps(0, [1, 2, 3, 4]) == [1, 2, 3, 4]
+    assert log_steps(2, [3, 4, 5]) == [1, 2, 3, 4, 5]  # resumed at step 2: 3 and 4 are not doubled
+    assert log_steps(0, [1]) == [1]  # a new run from scratch replaces the old log

@@ -50,6 +50,7 @@ class RunLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(start_step)
         if self.stream.isatty():
             from tqdm.auto import tqdm
 
@@ -58,6 +59,15 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep the records up to ``step``: a fresh run (0) starts an empty log, and a resumed run
+        drops what was logged after its checkpoint, since those steps are about to run again."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step] if step else []
+        self.path.write_text("".join(line + "\n" for line in kept))
 
     def _eta(self, step: int) -> str:
         done = step - self._start_step
