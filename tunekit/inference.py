@@ -108,8 +108,13 @@ def load_for_inference(source: str, base: str | None = None) -> Loaded:
 
     if (Path(source) / "adapter_config.json").is_file():
         return load_adapted(source, base)
-    path = resolve_source(source)
-    config = AutoConfig.from_pretrained(path)
+    path = resolve_source(source, key="MODEL_OR_ADAPTER")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:  # not a local folder, and not loadable as a Hub id either
+        reason = " ".join(str(err).split())[:200]
+        raise ValueError(f"{source!r} is neither an adapter folder (adapter_config.json), a model folder, "
+                         f"nor a loadable Hub id ({reason})") from err
     if any(arch.endswith("ForSequenceClassification") for arch in config.architectures or []):
         task = "seq_cls"
     else:

@@ -39,6 +39,8 @@ def test_unknown_command_is_a_usage_error(capsys):
 @pytest.mark.parametrize(("argv", "needle"), [
     (["generate", "/no/such/adapter", "--prompt", "hi"], "local folder not found"),
     (["merge", "/tmp", "--out", "/tmp/x"], "is not an adapter folder"),
+    # not a folder here and not loadable from the (offline) Hub
+    (["generate", "no-such-model-xyz", "--prompt", "hi"], "neither an adapter folder"),
 ])
 def test_runtime_errors_are_one_line_exit_1(capsys, argv, needle):
     assert main(argv) == 1
