@@ -160,6 +160,9 @@ class FinetuneConfig(BaseModel):
         if task_for(self) == "seq_cls" and not self.adapter.modules_to_save:
             raise ValueError("adapter.modules_to_save=[] leaves the new classification head frozen at random; "
                              "add it, e.g. ['classifier'] (BERT) or ['score'] (Llama)")
+        if self.data.packing and self.adapter.method in ("prefix", "prompt"):
+            raise ValueError(f"data.packing=true cannot be used with adapter.method={self.adapter.method!r}: its "
+                             "virtual tokens would let packed examples attend to each other; set data.packing: false")
         if self.hub.push and not self.hub.repo_id:
             raise ValueError("hub.push=true needs hub.repo_id (e.g. 'user/my-adapter')")
         return self

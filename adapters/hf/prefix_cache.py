@@ -294,8 +294,21 @@ def _batch_size(kwargs: dict, kind: str) -> int:
     raise ValueError("prefix tuning needs input_ids or inputs_embeds (decoder_input_ids for T5) to size the prefix")
 
 
+def refuse_packed_rows(kwargs: dict, method: str) -> None:
+    """Packed rows (several examples per row: position ids restart, no attention mask) rely on
+    transformers building a block-diagonal mask without a cache; virtual tokens break that
+    (one prompt per row, a cache for the prefix), so examples would attend to each other."""
+    positions = kwargs.get("position_ids")
+    if positions is None or kwargs.get("attention_mask") is not None or positions.shape[-1] < 2:
+        return
+    if (positions[..., 1:] < positions[..., :-1]).any():
+        raise ValueError(f"{method} cannot run on packed rows (several examples per row); "
+                         "set data.packing: false or use LoRA / bottleneck adapters")
+
+
 def add_prefix(model: nn.Module, hooks: VirtualTokenHooks, kwargs: dict, name: str, kv: KV) -> dict:
     """Model kwargs with adapter ``name``'s key/value prefix ``kv`` in the cache and masks extended."""
+    refuse_packed_rows(kwargs, "prefix tuning")
     num = kv[0][0].shape[-2]
     batch = _batch_size(kwargs, hooks.kind)
     mask_key = "decoder_attention_mask" if hooks.kind == "encoder_decoder" else "attention_mask"
@@ -333,6 +346,7 @@ def add_prompt(model: nn.Module, hooks: VirtualTokenHooks, kwargs: dict, name: s
     ``embed`` is the word-embedding layer. For encoder-decoders this runs on
     the encoder's call (see ``extend_encoder_mask``).
     """
+    refuse_packed_rows(kwargs, "prompt tuning")
     if hooks.kind != "encoder_decoder" and hooks.continuing(kwargs, name, "prompt"):
         _extend_mask(kwargs, "attention_mask", num, _batch_size(kwargs, hooks.kind))
         if kwargs.get("position_ids") is not None:

@@ -16,6 +16,7 @@ from _tolerances import FP32_EXACT, max_abs_diff
 from tunekit.adapters import (
     NotMergeableError,
     PrefixConfig,
+    PromptConfig,
     delete_adapter,
     disable_adapters,
     eject_adapters,
@@ -302,3 +303,19 @@ def test_unsupported_architecture_and_two_active_prefixes_are_clear_errors():
     inject_adapters(model, PrefixConfig(num_virtual_tokens=2), name="b")
     with pytest.raises(ValueError, match="only one prefix adapter can be active"):
         set_active_adapters(model, ["default", "b"])
+
+
+@pytest.mark.parametrize("cfg", [PrefixConfig(num_virtual_tokens=3), PromptConfig(num_virtual_tokens=3)],
+                         ids=["prefix", "prompt"])
+def test_packed_rows_are_refused_not_mixed(cfg):
+    """Packed rows (positions restart, no mask) would let examples see each other through the
+    virtual tokens; a left-padded batch (positions restart inside the padding, with a mask) is fine."""
+    model = tiny_llama()
+    inject_adapters(model, cfg)
+    ids = torch.randint(3, 90, (1, 8))
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="cannot run on packed rows"):
+        model(input_ids=ids, position_ids=packed)
+    padded_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]])
+    positions = (padded_mask.cumsum(-1) - 1).clamp(min=0)
+    assert torch.isfinite(model(input_ids=ids, attention_mask=padded_mask, position_ids=positions).logits).all()

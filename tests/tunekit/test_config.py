@@ -60,6 +60,7 @@ BAD = [
     (["output.save_merged=maybe"], "output.save_merged"),
     (["train.lr.value=1"], "train.lr"),
     (["train.lr"], "train.lr"),
+    (["adapter={method: prefix, num_virtual_tokens: 4}", "data.packing=true"], "data.packing"),
 ]
 
 
