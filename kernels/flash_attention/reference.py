@@ -120,17 +120,35 @@ def _dense(q, k, v, causal, scale, attn_mask, key_padding_mask, return_lse):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         lse = _lse(q, k, scale, visibility_bias(len_q, len_k, causal=True, device=q.device)) if return_lse else None
         return out, lse
-    bias = visibility_bias(len_q, len_k, causal=causal, attn_mask=attn_mask,
-                           key_padding_mask=key_padding_mask, device=q.device)
-    if bias is None:
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-    else:
-        empty = torch.isneginf(bias).all(dim=-1, keepdim=True)  # rows that see no key
-        sdpa_mask = bias.masked_fill(empty, 0.0).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, scale=scale, enable_gqa=gqa)
-        out = out.masked_fill(empty, 0.0)
-    lse = _lse(q, k, scale, bias) if return_lse else None
+    if attn_mask is not None and attn_mask.dtype != torch.bool:  # additive float mask: SDPA takes the bias
+        mask = visibility_bias(len_q, len_k, causal=causal, attn_mask=attn_mask,
+                               key_padding_mask=key_padding_mask, device=q.device)
+        seen = ~torch.isneginf(mask).all(dim=-1, keepdim=True)
+        mask = mask.masked_fill(~seen, 0.0).to(q.dtype)
+    else:  # bool visibility: a quarter of an fp32 bias (padded batches, prefix keys)
+        mask = _visible(len_q, len_k, causal, attn_mask, key_padding_mask, q.device)
+        seen = mask.any(dim=-1, keepdim=True) if mask is not None else None
+        mask = mask | ~seen if mask is not None else None
+    # A row that sees no key would be NaN in SDPA: it is unmasked above and zeroed here (so are its grads).
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if seen is not None:
+        out = out.masked_fill(~seen, 0.0)
+    lse = None
+    if return_lse:
+        lse = _lse(q, k, scale, visibility_bias(len_q, len_k, causal=causal, attn_mask=attn_mask,
+                                                key_padding_mask=key_padding_mask, device=q.device))
     return out, lse
+
+
+def _visible(len_q, len_k, causal, attn_mask, key_padding_mask, device) -> torch.Tensor | None:
+    """Bool visibility (True = attend), broadcastable to (B, H, Lq, Lk); None when all is visible."""
+    visible = None
+    if causal:
+        visible = torch.ones(len_q, len_k, dtype=torch.bool, device=device).tril(diagonal=len_k - len_q)
+    for extra in (key_padding_mask.bool()[:, None, None, :] if key_padding_mask is not None else None, attn_mask):
+        if extra is not None:
+            visible = extra if visible is None else visible & extra
+    return visible
 
 
 def _lse(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
