@@ -60,9 +60,11 @@ def base_weight(module: nn.Module) -> torch.Tensor:
         return bnbF.dequantize_4bit(data, state)
     if kind == "8bit":
         weight = module.weight
-        if getattr(weight, "SCB", None) is None:
+        if weight.dtype != torch.int8:  # has_fp16_weights, or not quantized yet
             return weight.data
-        return weight.CB.float() * weight.SCB.float().unsqueeze(1) / 127.0
+        # Row-wise absmax scales: on the weight until the first forward, then in module.state.
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        return weight.data.float() * scales.float().unsqueeze(1) / 127.0
     if is_conv1d(module):
         return module.weight.T
     return module.weight

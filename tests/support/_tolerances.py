@@ -22,3 +22,5 @@ BF16_COMPUTE = 5e-3
 # flash_attention's fp32 log-sum-exp vs the fp32 oracle's, by input dtype (inputs rounded to fp16
 # shift the scores by ~1e-3 relative).
 FLASH_LSE = {torch.float32: 1e-5, torch.float16: 1e-3}
+# bitsandbytes' 8-bit forward (inputs cast to fp16, int8 matmul) vs a dequantized fp32 weight.
+INT8_COMPUTE = 2e-2
