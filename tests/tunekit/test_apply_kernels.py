@@ -6,7 +6,16 @@ import pytest
 import torch
 from _tiny import VOCAB, tiny_gpt2, tiny_inputs, tiny_llama
 from _tolerances import FP32_EXACT, max_abs_diff
-from transformers import GemmaConfig, GemmaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from tunekit.adapters import LoRAConfig, PromptConfig, inject_adapters
 from tunekit.kernels import use_backend
@@ -30,6 +39,14 @@ def tiny_qwen3():
     return Qwen3ForCausalLM(Qwen3Config(**_SMALL)).eval()
 
 
+def tiny_mistral():
+    return MistralForCausalLM(MistralConfig(**_SMALL)).eval()
+
+
+def tiny_qwen2():
+    return Qwen2ForCausalLM(Qwen2Config(**_SMALL)).eval()
+
+
 def _batch():
     batch = tiny_inputs("llama", batch=2, length=7)
     labels = batch["input_ids"].clone()
@@ -49,7 +66,8 @@ def _assert_same(a, b, tol=FP32_EXACT):
     assert len(ga) == len(gb) and all(max_abs_diff(x, y) <= tol for x, y in zip(ga, gb))
 
 
-@pytest.mark.parametrize("factory,norms", [(tiny_llama, 5), (tiny_gemma, 3), (tiny_qwen3, 5)])
+@pytest.mark.parametrize("factory,norms", [(tiny_llama, 5), (tiny_gemma, 3), (tiny_qwen3, 5), (tiny_mistral, 3),
+                                           (tiny_qwen2, 3)])
 def test_apply_kernels_keeps_loss_grads_and_parameters(factory, norms):
     model, batch = factory(), _batch()
     stock = _loss_and_grads(model, batch)
