@@ -70,3 +70,31 @@ def test_peft_option_tunekit_lacks_is_refused(tmp_path):
     peft_model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="rank_pattern"):
         load_adapters(_fresh("llama"), tmp_path)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_interoperate_both_ways(bias, tmp_path):
+    """bias="all" / "lora_only" train base biases too; PEFT saves and loads them under the same keys."""
+    inputs = tiny_inputs("gpt2")
+
+    def bump_biases(model):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad and name.endswith("bias"):
+                    p.add_(0.1)
+
+    ours = _fresh("gpt2")
+    inject_adapters(ours, LoRAConfig(rank=4, init="random", bias=bias))
+    assert any(n.endswith("bias") for n, p in ours.named_parameters() if p.requires_grad)
+    bump_biases(ours)
+    save_adapters(ours, tmp_path / "tunekit")
+    peft_model = PeftModel.from_pretrained(_fresh("gpt2"), tmp_path / "tunekit").eval()
+    assert max_abs_diff(model_output(peft_model, inputs), model_output(ours, inputs)) <= FP32_EXACT
+
+    theirs = get_peft_model(_fresh("gpt2"), LoraConfig(r=4, target_modules=["c_attn"], bias=bias,
+                                                       init_lora_weights=False))
+    bump_biases(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    loaded = _fresh("gpt2")
+    load_adapters(loaded, tmp_path / "peft")
+    assert max_abs_diff(model_output(loaded, inputs), model_output(theirs.eval(), inputs)) <= FP32_EXACT

@@ -128,3 +128,22 @@ def test_merge_refused_eject_dequantizes(tiny_llama_dir, tmp_path):
     assert type(q_proj) is torch.nn.Linear
     with torch.no_grad():
         assert max_abs_diff(plain(**inputs).logits, adapted) <= FP32_DEQUANT_MERGE
+
+
+def test_peft_dora_on_a_4bit_base_loads_with_the_same_logits(tiny_llama_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(_load_4bit(tiny_llama_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                       use_dora=True))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        theirs = peft_model(**inputs).logits
+    peft_model.save_pretrained(tmp_path)
+    ours = _load_4bit(tiny_llama_dir)
+    load_adapters(ours, tmp_path)
+    with torch.no_grad():
+        assert max_abs_diff(ours(**inputs).logits, theirs) <= FP32_EXACT
