@@ -26,7 +26,7 @@ from tunekit.adapters.bottleneck.layer import (
     SerialBottleneck,
 )
 from tunekit.adapters.hf.arch import ArchSpec, arch_spec
-from tunekit.adapters.hf.layers import is_linear_like, is_quantized, linear_features
+from tunekit.adapters.hf.layers import adapter_dtype, is_linear_like, linear_features
 from tunekit.adapters.host import ModulesToSave
 from tunekit.adapters.injection import find_targets, wrap_targets
 from tunekit.adapters.registry import AdapterMethod, host_state, load_host_state
@@ -87,11 +87,9 @@ def _features(model: nn.Module, base: nn.Module, variant: str) -> tuple[int, int
 
 
 def _param_spec(base: nn.Module) -> tuple[torch.device | None, torch.dtype]:
-    """Adapters live on the base's device, in its float dtype (fp32 beside a quantized base)."""
-    ref = next((p for p in base.parameters() if p.is_floating_point()), None)
-    if ref is None or is_quantized(base):
-        return (ref.device if ref is not None else None), torch.float32
-    return ref.device, ref.dtype
+    """Adapters live on the base's device, in ``adapter_dtype`` (fp32 beside a half-precision or quantized base)."""
+    ref = next(iter(base.parameters()), None)
+    return (ref.device if ref is not None else None), adapter_dtype(base)
 
 
 class BottleneckMethod(AdapterMethod):

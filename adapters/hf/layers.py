@@ -83,6 +83,19 @@ def write_linear(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | N
             module.bias.copy_(bias.to(module.bias.dtype))
 
 
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype adapter weights beside ``base`` train in.
+
+    fp32 beside a half-precision (bf16/fp16) or quantized base, as PEFT's default
+    ``autocast_adapter_dtype``: optimizer updates of small low-rank weights vanish in
+    bf16. Beside an fp32/fp64 base, its dtype. Forwards cast inputs to it and back.
+    """
+    ref = next((p for p in base.parameters() if p.is_floating_point()), None)
+    if ref is None or is_quantized(base) or ref.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return ref.dtype
+
+
 def keep_4bit_layout_trainable(model: nn.Module) -> int:
     """Keep every bitsandbytes 4-bit layer of ``model`` on its trainable CPU layout; returns how many.
 

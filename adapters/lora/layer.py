@@ -14,7 +14,14 @@ import math
 import torch
 from torch import nn
 
-from tunekit.adapters.hf.layers import base_weight, dequantized_linear, is_quantized, linear_features, write_linear
+from tunekit.adapters.hf.layers import (
+    adapter_dtype,
+    base_weight,
+    dequantized_linear,
+    is_quantized,
+    linear_features,
+    write_linear,
+)
 from tunekit.adapters.host import AdapterLayer
 from tunekit.adapters.lora.config import LoRAConfig
 from tunekit.adapters.lora.variants import DoRAVariant, LoRAVariant
@@ -28,7 +35,7 @@ class LoRABranch(nn.Module):
         super().__init__()
         in_f, out_f = linear_features(base_layer)
         ref = base_weight(base_layer)
-        dtype = ref.dtype if ref.dtype.is_floating_point and not is_quantized(base_layer) else torch.float32
+        dtype = adapter_dtype(base_layer)
         self.lora_A = nn.Linear(in_f, cfg.rank, bias=False, device=ref.device, dtype=dtype)
         self.lora_B = nn.Linear(cfg.rank, out_f, bias=False, device=ref.device, dtype=dtype)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()

@@ -98,3 +98,19 @@ def test_trained_biases_interoperate_both_ways(bias, tmp_path):
     loaded = _fresh("gpt2")
     load_adapters(loaded, tmp_path / "peft")
     assert max_abs_diff(model_output(loaded, inputs), model_output(theirs.eval(), inputs)) <= FP32_EXACT
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_adapters_train_in_fp32_beside_a_bf16_base_like_peft(variant, tmp_path):
+    """As PEFT's autocast_adapter_dtype: fp32 adapter weights, bf16 outputs, PEFT-equal logits."""
+    inputs = tiny_inputs("llama")
+    ours = _fresh("llama").to(torch.bfloat16)
+    inject_adapters(ours, LoRAConfig(rank=4, alpha=8, **VARIANTS[variant]))
+    assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.float32}
+    _perturb(ours)
+    logits = model_output(ours, inputs)
+    assert logits.dtype == torch.bfloat16
+    save_adapters(ours, tmp_path)
+    peft_model = PeftModel.from_pretrained(_fresh("llama").to(torch.bfloat16), tmp_path).eval()
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
+    assert max_abs_diff(model_output(peft_model, inputs), logits) <= FP32_EXACT
