@@ -81,8 +81,10 @@ def test_merge_output_loads_with_plain_transformers(run, tmp_path, task, capsys)
         assert max_abs_diff(plain(input_ids=ids).logits, adapted(input_ids=ids).logits) <= FP32_EXACT
 
 
-def test_generate_prints_text_for_lm_adapters(run, capsys):
-    _, out = run("causal_lm", "lora")
+@pytest.mark.parametrize("method", list(ADAPTERS))
+def test_generate_prints_text_for_lm_adapters(run, capsys, method):
+    _, out = run("causal_lm", method)
+    capsys.readouterr()  # the fixture's training run, if it ran now
     loaded = load_adapted(out / "adapter")
     assert main(["generate", str(out / "adapter"), "--prompt", "repeat cat", "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out
