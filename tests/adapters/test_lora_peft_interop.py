@@ -114,3 +114,29 @@ def test_adapters_train_in_fp32_beside_a_bf16_base_like_peft(variant, tmp_path):
     peft_model = PeftModel.from_pretrained(_fresh("llama").to(torch.bfloat16), tmp_path).eval()
     assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
     assert max_abs_diff(model_output(peft_model, inputs), logits) <= FP32_EXACT
+
+
+def test_llama_classifier_with_a_trained_score_head_interoperates(tmp_path):
+    """SEQ_CLS: PEFT wraps `score` as modules_to_save; the trained head travels both ways."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    def fresh():
+        torch.manual_seed(0)
+        return LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_labels=3, pad_token_id=0)).eval()
+
+    inputs = tiny_inputs("llama")
+    ours = fresh()
+    inject_adapters(ours, LoRAConfig(rank=4, modules_to_save=["score"]))
+    _perturb(ours)
+    save_adapters(ours, tmp_path / "tunekit")
+    peft_model = PeftModel.from_pretrained(fresh(), tmp_path / "tunekit").eval()
+    assert max_abs_diff(model_output(peft_model, inputs), model_output(ours, inputs)) <= FP32_EXACT
+
+    theirs = get_peft_model(fresh(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    _perturb(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    loaded = fresh()
+    load_adapters(loaded, tmp_path / "peft")
+    assert max_abs_diff(model_output(loaded, inputs), model_output(theirs.eval(), inputs)) <= FP32_EXACT
