@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import tiny_inputs, tiny_llama
+from _tiny import tiny_inputs, tiny_llama, train_losses
 from _tolerances import FP32_EXACT, INT8_COMPUTE, max_abs_diff
 from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
@@ -46,15 +46,7 @@ def test_training_eject_and_reload_on_an_8bit_base(tiny_dir, tmp_path, use_dora)
     inject_adapters(model, LoRAConfig(rank=8, target_modules="all-linear", use_dora=use_dora))
     batch = tiny_inputs("llama", batch=4, length=12, seed=3)
     batch["labels"] = batch["input_ids"]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    model.train()
-    losses = []
-    for _ in range(6):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model.train(), batch, steps=6, lr=3e-3)
     assert losses[-1] < losses[0] - 0.05, losses
 
     model.eval()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import tiny_inputs, tiny_llama
+from _tiny import tiny_inputs, tiny_llama, train_losses
 from _tolerances import BF16_COMPUTE, FP32_DEQUANT_MERGE, FP32_EXACT, max_abs_diff
 from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
@@ -53,15 +53,7 @@ def test_training_reduces_loss_on_4bit_base(tiny_llama_dir):
 
     batch = tiny_inputs("llama", batch=4, length=12, seed=3)
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    model.train()
-    losses = []
-    for _ in range(6):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model.train(), batch, steps=6, lr=3e-3)
     assert losses[-1] < losses[0] - 0.05, losses
 
 

@@ -134,3 +134,16 @@ def write_rows(path, rows: list[dict]):
     else:
         raise ValueError(f"write_rows: unknown extension {suffix!r}")
     return str(path)
+
+
+def train_losses(model, batch: dict[str, torch.Tensor], steps: int, lr: float) -> list[float]:
+    """Losses of ``steps`` AdamW steps on one fixed ``batch`` (must hold labels), trainable params only."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
