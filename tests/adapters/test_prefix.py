@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from _tiny import model_output, tiny_bert, tiny_gpt2, tiny_inputs, tiny_llama, tiny_t5
+from _tiny import greedy_by_full_forwards, model_output, tiny_bert, tiny_gpt2, tiny_inputs, tiny_llama, tiny_t5
 from _tolerances import FP32_EXACT, max_abs_diff
 
 from tunekit.adapters import (
@@ -168,18 +168,6 @@ def test_gradient_checkpointing_same_loss_and_grads(arch):
         assert max_abs_diff(g, g_ckpt) <= FP32_EXACT
 
 
-def _greedy_by_full_forwards(model, input_ids, attention_mask, steps: int) -> torch.Tensor:
-    # The reference: no cache, every step a full forward; positions as generate() derives them.
-    ids, mask = input_ids, attention_mask
-    for _ in range(steps):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_generate_equals_greedy_full_forwards_and_peft(tmp_path, arch):
     model = _model(arch)
@@ -188,7 +176,7 @@ def test_generate_equals_greedy_full_forwards_and_peft(tmp_path, arch):
     model.generation_config.eos_token_id = None
     inputs = tiny_inputs(arch)  # the last row is left-padded
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    expected = _greedy_by_full_forwards(model, inputs["input_ids"], inputs["attention_mask"], 5)
+    expected = greedy_by_full_forwards(model, inputs["input_ids"], inputs["attention_mask"], 5)
     assert torch.equal(out, expected)
     save_adapters(model, tmp_path)
     theirs = peft.PeftModel.from_pretrained(base, tmp_path).eval()

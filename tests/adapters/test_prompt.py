@@ -10,7 +10,16 @@ import copy
 
 import pytest
 import torch
-from _tiny import VOCAB, model_output, tiny_bert, tiny_gpt2, tiny_inputs, tiny_llama, tiny_t5
+from _tiny import (
+    VOCAB,
+    greedy_by_full_forwards,
+    model_output,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_inputs,
+    tiny_llama,
+    tiny_t5,
+)
 from _tolerances import FP32_EXACT, max_abs_diff
 from pydantic import ValidationError
 
@@ -137,16 +146,6 @@ def test_trainable_count_closed_form(arch, encoder):
     assert trainable_parameters(model).trainable == expected
 
 
-def _greedy_by_full_forwards(model, ids, mask, steps: int) -> torch.Tensor:
-    for _ in range(steps):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_generate_equals_greedy_full_forwards(arch):
     model = BUILDERS[arch]()
@@ -154,7 +153,7 @@ def test_generate_equals_greedy_full_forwards(arch):
     model.generation_config.eos_token_id = None
     inputs = tiny_inputs(arch)  # the last row is left-padded
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert torch.equal(out, _greedy_by_full_forwards(model, inputs["input_ids"], inputs["attention_mask"], 5))
+    assert torch.equal(out, greedy_by_full_forwards(model, inputs["input_ids"], inputs["attention_mask"], 5))
 
 
 def test_generate_t5_equals_peft(tmp_path):

@@ -147,3 +147,14 @@ def train_losses(model, batch: dict[str, torch.Tensor], steps: int, lr: float) -
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def greedy_by_full_forwards(model, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """Reference greedy decode: no cache, one full forward per step, positions as generate() derives them."""
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids
