@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from tunekit.adapters.hf.layers import adapter_dtype, is_quantized
+
 
 class AdapterHost(nn.Module):
     """A module holding named adapters of one method."""
@@ -185,12 +187,17 @@ class ModulesToSave(AdapterLayer):
 
     The original stays frozen as ``base_layer``; the active adapter's copy is
     used in ``forward``. Saved under the module's own key (PEFT's format).
+    Beside a bf16/fp16 base the copy trains in fp32, as LoRA weights do
+    (``adapter_dtype``): a bf16 head loses small optimizer updates to rounding.
+    Its floating inputs are cast to fp32 and its outputs back to the base's dtype.
     """
 
     def add_adapter(self, name: str, adapter: nn.Module | None = None) -> None:
         import copy
 
         copy_ = adapter if adapter is not None else copy.deepcopy(self.base_layer)
+        if not is_quantized(self.base_layer):
+            copy_.to(adapter_dtype(self.base_layer))
         for p in copy_.parameters():
             p.requires_grad_(True)
         super().add_adapter(name, copy_)
@@ -199,7 +206,12 @@ class ModulesToSave(AdapterLayer):
         active = self.unmerged_active()
         if not active:
             return self.base_layer(*args, **kwargs)
-        return self.adapters[active[0]](*args, **kwargs)
+        copy_ = self.adapters[active[0]]
+        dtype, out_dtype = _float_dtype(copy_), _float_dtype(self.base_layer)
+        if dtype == out_dtype:
+            return copy_(*args, **kwargs)
+        out = copy_(*_cast_floats(args, dtype), **{k: _cast_floats(v, dtype) for k, v in kwargs.items()})
+        return _cast_floats(out, out_dtype)
 
     def cannot_merge_reason(self, names: list[str]) -> str | None:
         return None
@@ -211,5 +223,24 @@ class ModulesToSave(AdapterLayer):
         """Nothing to undo (see ``merge``)."""
 
     def eject(self, merge: bool) -> nn.Module:
-        # "Merging" a fully trained copy means keeping the copy.
-        return self.adapters[self.active[0]] if merge and self.active else self.base_layer
+        # "Merging" a fully trained copy means keeping the copy, in the dtype of the model around it.
+        if not (merge and self.active):
+            return self.base_layer
+        copy_ = self.adapters[self.active[0]]
+        dtype = _float_dtype(self.base_layer)
+        return copy_.to(dtype) if dtype is not None else copy_
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _cast_floats(value, dtype: torch.dtype | None):
+    """``value`` with its floating tensors (also inside plain tuples and lists) cast to ``dtype``."""
+    if dtype is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if type(value) in (tuple, list):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
