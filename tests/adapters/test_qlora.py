@@ -71,16 +71,45 @@ def test_adapters_keep_learning_after_an_evaluation(tiny_llama_dir):
     assert max_abs_diff(after, before) <= FP32_EXACT
 
 
+def _repacks_here() -> bool:
+    # bitsandbytes decides per layer at construction: Linear4bit.support_avx512bf16_for_cpu = has_avx512bf16()
+    import bitsandbytes.functional as bnbF
+
+    return bool(bnbF.has_avx512bf16())
+
+
+needs_repack = pytest.mark.skipif(not _repacks_here(), reason="this CPU has no AVX512-BF16: bitsandbytes never "
+                                  "repacks 4-bit weights here (the everywhere-checks below still run)")
+
+
+@pytest.fixture(params=["as_bitsandbytes_decides", "without_avx512bf16"])
+def cpu_path(request, monkeypatch):
+    """Run on this CPU's bitsandbytes path, and on the path of a CPU without AVX512-BF16 (simulated
+    at bitsandbytes' own decision point, so an AVX512 machine checks both)."""
+    if request.param == "without_avx512bf16":
+        import bitsandbytes.nn.modules
+
+        monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)
+    return request.param
+
+
+def _repacked(module) -> bool:
+    # QuantState has no packing_format_for_cpu attribute until bitsandbytes repacks it once.
+    return getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+
+
+@needs_repack
 def test_injection_undoes_an_earlier_repack(tiny_llama_dir):
     model = load_4bit(tiny_llama_dir).eval()
     with torch.no_grad():
         model(**tiny_inputs("llama"))  # repacks every 4-bit layer
     q_proj = model.model.layers[0].self_attn.q_proj
-    assert q_proj.weight.quant_state.packing_format_for_cpu
+    assert _repacked(q_proj)
     inject_adapters(model, LoRAConfig(rank=4))
-    assert not q_proj.weight.quant_state.packing_format_for_cpu  # q_proj is now the wrapped base_layer
+    assert not _repacked(q_proj)  # q_proj is now the wrapped base_layer
 
 
+@needs_repack
 def test_base_weight_reads_repacked_4bit_weights(tiny_llama_dir):
     from tunekit.adapters.hf.layers import base_weight
 
@@ -88,8 +117,30 @@ def test_base_weight_reads_repacked_4bit_weights(tiny_llama_dir):
     x = torch.randn(3, 64)
     with torch.no_grad():
         q_proj(x)  # triggers bitsandbytes' CPU repack (bf16 absmax)
-        assert q_proj.weight.quant_state.packing_format_for_cpu
+        assert _repacked(q_proj)
         assert max_abs_diff(q_proj(x), x @ base_weight(q_proj).T) <= BF16_COMPUTE
+
+
+def test_eval_forward_then_injection_and_base_weight_on_either_cpu_path(tiny_llama_dir, cpu_path):
+    """What holds on every CPU: after an eval no-grad forward, injection works, the base is on
+    bitsandbytes' trainable layout, base_weight equals the layer's forward, adapters get gradients."""
+    from tunekit.adapters.hf.layers import base_weight
+
+    model = load_4bit(tiny_llama_dir).eval()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.support_avx512bf16_for_cpu == (cpu_path == "as_bitsandbytes_decides" and _repacks_here())
+    batch = tiny_inputs("llama")
+    with torch.no_grad():
+        model(**batch)
+    assert _repacked(q_proj) == q_proj.support_avx512bf16_for_cpu
+    inject_adapters(model, LoRAConfig(rank=4, target_modules=["q_proj"]))
+    assert not _repacked(q_proj)
+    x = torch.randn(3, 64)
+    with torch.no_grad():  # the fp32 dequantize path, which reads what base_weight reads
+        assert max_abs_diff(q_proj(x), x @ base_weight(q_proj).T) <= FP32_DEQUANT_MERGE
+    model.train()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.adapters["default"].lora_B.weight.grad.abs().sum() > 0
 
 
 def test_merge_refused_eject_dequantizes(tiny_llama_dir, tmp_path):
