@@ -30,7 +30,7 @@ Prompt tuning (P-tuning v1) prepends ``P`` trained embeddings to the input
 embeddings; ``add_prompt`` rewrites ``input_ids`` into ``inputs_embeds`` and
 extends the attention mask, labels (-100), token types and positions.
 
-Supported architectures are listed in ``VIRTUAL_TOKEN_ARCHS``; the layouts
+Supported architectures are the rows with ``virtual_tokens`` in ``adapters/hf/arch.py``; the layouts
 follow PEFT 0.21 exactly (including its T5 layout, where only the decoder's
 self-attention receives the prefix), so adapters load both ways.
 """
@@ -48,12 +48,8 @@ from torch import nn
 from transformers import Cache, DynamicCache, EncoderDecoderCache
 from transformers.cache_utils import CacheLayerMixin
 
-# model_type -> how the model consumes virtual tokens.
-VIRTUAL_TOKEN_ARCHS: dict[str, str] = {
-    "llama": "decoder", "mistral": "decoder", "qwen2": "decoder", "qwen3": "decoder", "gpt2": "decoder",
-    "bert": "encoder", "roberta": "encoder",
-    "t5": "encoder_decoder",
-}
+from tunekit.adapters.hf.arch import arch_column, supporting
+from tunekit.adapters.hf.tasks import IGNORE_INDEX
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 _CACHE_KEYWORDS = ("cache", "past_key_values")
@@ -98,13 +94,12 @@ class VirtualTokenGeometry:
 def virtual_token_geometry(model: nn.Module) -> VirtualTokenGeometry:
     """The geometry of ``model``; a clear error for architectures not supported."""
     cfg = getattr(model, "config", None)
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in VIRTUAL_TOKEN_ARCHS:
+    kind = arch_column(model, "virtual_tokens")
+    if kind is None:
         raise ValueError(
-            f"prefix/prompt tuning does not support model_type {model_type!r} ({type(model).__name__}); "
-            f"supported: {sorted(VIRTUAL_TOKEN_ARCHS)}. Use LoRA or a bottleneck adapter instead"
+            f"prefix/prompt tuning does not support model_type {getattr(cfg, 'model_type', None)!r} "
+            f"({type(model).__name__}); supported: {supporting('virtual_tokens')}. Use LoRA or a bottleneck adapter instead"
         )
-    kind = VIRTUAL_TOKEN_ARCHS[model_type]
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -398,7 +393,7 @@ def add_prompt(model: nn.Module, hooks: VirtualTokenHooks, kwargs: dict, name: s
         _extend_mask(kwargs, "attention_mask", num, batch)
     labels = kwargs.get("labels")
     if labels is not None and labels.dim() >= 2 and labels.shape[1] == length and hooks.kind == "decoder":
-        ignore = torch.full((batch, num), -100, dtype=labels.dtype, device=labels.device)
+        ignore = torch.full((batch, num), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
         kwargs["labels"] = torch.cat([ignore, labels], dim=1)
     if kwargs.get("token_type_ids") is not None:
         types = kwargs["token_type_ids"]

@@ -184,7 +184,7 @@ PRECISION_ROWS = {
     "bf16-lora": ("llama", torch.bfloat16, dict(target_modules="all-linear")),
     "bf16-dora": ("llama", torch.bfloat16, dict(use_dora=True)),
     "bf16-classifier": ("bert", torch.bfloat16, dict(modules_to_save=["classifier"])),
-    "4bit-lora": ("llama", "nf4", dict(target_modules="all-linear")),
+    "4bit-lora": ("llama", "nf4", dict(target_modules=["q_proj", "v_proj", "down_proj"])),
 }
 
 

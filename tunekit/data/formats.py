@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tunekit.adapters.hf.tasks import IGNORE_INDEX
 from tunekit.data.chat import ChatEncoder, SkipRow, parse_messages
 from tunekit.data.config import DataConfig
 
-IGNORE_INDEX = -100
-"""Label value ignored by the loss (PyTorch's cross-entropy default)."""
 
 
 @dataclass
