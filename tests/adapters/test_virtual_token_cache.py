@@ -40,12 +40,17 @@ def _trained(model, method: str):
     return model
 
 
-@pytest.mark.parametrize("method", sorted(CONFIGS))
-def test_virtual_tokens_reach_a_model_whose_cache_keyword_is_cache(method):
+def _renamed(method: str):
+    """(a plain tiny Llama, the same weights as a CacheKeywordLlama with a trained ``method`` adapter)."""
     base = tiny_llama()
     model = CacheKeywordLlama(base.config).eval()
     model.load_state_dict(base.state_dict())
-    _trained(model, method)
+    return base, _trained(model, method)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_virtual_tokens_reach_a_model_whose_cache_keyword_is_cache(method):
+    base, model = _renamed(method)
     inputs = tiny_inputs("llama")  # the last row is left-padded
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(out, greedy_by_full_forwards(model, inputs["input_ids"], inputs["attention_mask"], 5))
@@ -56,10 +61,7 @@ def test_virtual_tokens_reach_a_model_whose_cache_keyword_is_cache(method):
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_a_cache_passed_under_the_other_keyword_is_continued(method):
     """A caller still spelling ``past_key_values=`` (deprecated in 5.24) continues its sequence."""
-    base = tiny_llama()
-    model = CacheKeywordLlama(base.config).eval()
-    model.load_state_dict(base.state_dict())
-    _trained(model, method)
+    _, model = _renamed(method)
     ids = tiny_inputs("llama", batch=1)["input_ids"]
     with torch.no_grad():
         first = model(input_ids=ids[:, :-1], use_cache=True)

@@ -74,18 +74,25 @@ def test_fused_linear_ce_triton_on_gpu(case, dtype):
     _check(case, dtype, "cuda", "triton")
 
 
-def _check(case, dtype, device, which):
-    rows, bias, lora, smoothing, z, reduction, chunk, block = case
+def _case_with_oracle(case):
+    """(tensors, labels, loss options, names, fp64 oracle [loss, *grads]) for one CASES row."""
+    rows, bias, lora, smoothing, z, reduction, _, _ = case
     tensors, labels = _inputs(rows, bias, lora)
     opts = dict(label_smoothing=smoothing, z_loss=z, reduction=reduction)
     h, w, b, a, bb = tensors
     full = oracle_loss(h, w, labels, b, a, bb, 0.5, smoothing, z, reduction)
     oracle = [full, *grads(full, [t for t in tensors if t is not None])]
+    names = [n for n, t in zip(NAMES, [full, *tensors]) if t is not None]
+    return tensors, labels, opts, names, oracle
+
+
+def _check(case, dtype, device, which):
+    chunk, block = case[-2:]
+    tensors, labels, opts, names, oracle = _case_with_oracle(case)
     low, labels = leaves(tensors, dtype, device), labels.to(device)
     ref = _run(fused_linear_cross_entropy_ref, low, labels, chunk_size=chunk, **opts)
     with use_backend(which):
         out = _run(fused_linear_cross_entropy, low, labels, chunk_size=chunk, block=block, **opts)
-    names = [n for n, t in zip(NAMES, [full, *tensors]) if t is not None]
     for name, k, r, o in zip(names, out, ref, oracle):
         assert_kernel_bound(name, k, r, o, dtype)
 
@@ -164,17 +171,12 @@ def _unfused_linear_ce(h, w, labels, b, a, bb, s, label_smoothing, z_loss, reduc
 def test_fused_linear_ce_under_bf16_autocast(case, which):
     """fp32 head and LoRA under ``torch.autocast(bf16)``: runs (no addmm_ dtype clash) and stays
     within the bound of the unfused bf16-autocast head, for the loss and every fp32 gradient."""
-    rows, bias, lora, smoothing, z, reduction, chunk, block = case
-    tensors, labels = _inputs(rows, bias, lora)
-    opts = dict(label_smoothing=smoothing, z_loss=z, reduction=reduction)
-    h, w, b, a, bb = tensors
-    full = oracle_loss(h, w, labels, b, a, bb, 0.5, smoothing, z, reduction)
-    oracle = [full, *grads(full, [t for t in tensors if t is not None])]
+    chunk, block = case[-2:]
+    tensors, labels, opts, names, oracle = _case_with_oracle(case)
     low = leaves(tensors, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        unfused = _run(_unfused_linear_ce, low, labels, label_smoothing=smoothing, z_loss=z, reduction=reduction)
+        unfused = _run(_unfused_linear_ce, low, labels, **opts)
         with use_backend(which):
             out = _run(fused_linear_cross_entropy, low, labels, chunk_size=chunk, block=block, **opts)
-    names = [n for n, t in zip(NAMES, [full, *tensors]) if t is not None]
     for name, k, r, o in zip(names, out, unfused, oracle):
         assert_kernel_bound(name, k, r, o, torch.bfloat16)
