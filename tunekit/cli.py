@@ -60,7 +60,8 @@ def _generate_parser(sub, common) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length limit (default 64)")
     p.add_argument("--sample", action="store_true", help="sample (temperature 1) instead of greedy decoding")
     p.add_argument("--raw", action="store_true",
-                   help="feed the prompt as is (default: wrapped in the run's instruction or chat template)")
+                   help="feed the prompt as is (default: the token ids training built for it: the run's "
+                        "instruction or chat template, special tokens as in training)")
 
 
 def build_parser() -> argparse.ArgumentParser:

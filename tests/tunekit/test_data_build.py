@@ -1,6 +1,7 @@
 """build_dataset: bad-row accounting, errors, eval split, truncation, order, storage."""
 
 import logging
+from pathlib import Path
 
 import pytest
 from _tiny import tiny_tokenizer, write_rows
@@ -25,7 +26,23 @@ def test_bad_rows_counted_by_reason_and_logged(tmp_path, caplog):
     assert stats.bad_rows == {"invalid json": 1, "not an object": 1, "missing field 'text'": 1,
                               "empty field 'text'": 1, "field 'text' not text": 1}
     assert stats.tokens == 2 * 4 + 2 and stats.loss_tokens == stats.tokens - 2
-    assert "missing field 'text': 1" in caplog.text and caplog.records[-1].levelno == logging.WARNING
+    # logged at INFO, not shown: the caller shows the summary (finetune prints it, once)
+    assert "missing field 'text': 1" in caplog.text and caplog.records[-1].levelno == logging.INFO
+
+
+def test_finetune_shows_the_data_summary_once_with_skipped_rows(tmp_path, capsys):
+    from _tiny_runs import run_config
+
+    import tunekit
+
+    cfg = run_config(tmp_path, "causal_lm", steps=1)
+    train = Path(cfg["data"]["train_files"][0])
+    train.write_text(train.read_text(encoding="utf-8") + '{"instruction": "no output"}\n', encoding="utf-8")
+    capsys.readouterr()
+    tunekit.finetune(cfg)
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if line.startswith("data train:")]
+    assert len(lines) == 1 and "missing field 'output': 1" in lines[0]
 
 
 def test_zero_usable_rows_names_source_and_field(tmp_path):
