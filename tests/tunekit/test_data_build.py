@@ -30,7 +30,7 @@ def test_bad_rows_counted_by_reason_and_logged(tmp_path, caplog):
     assert "missing field 'text': 1" in caplog.text and caplog.records[-1].levelno == logging.INFO
 
 
-def test_finetune_shows_the_data_summary_once_with_skipped_rows(tmp_path, capsys):
+def test_finetune_shows_the_data_summary_once_with_skipped_rows(tmp_path, capsys, monkeypatch):
     from _tiny_runs import run_config
 
     import tunekit
@@ -38,6 +38,9 @@ def test_finetune_shows_the_data_summary_once_with_skipped_rows(tmp_path, capsys
     cfg = run_config(tmp_path, "causal_lm", steps=1)
     train = Path(cfg["data"]["train_files"][0])
     train.write_text(train.read_text(encoding="utf-8") + '{"instruction": "no output"}\n', encoding="utf-8")
+    # logging as a plain `tunekit finetune` has it: no handlers, so warnings reach stderr (pytest's own
+    # capture handlers would swallow them)
+    monkeypatch.setattr(logging.root, "handlers", [])
     capsys.readouterr()
     tunekit.finetune(cfg)
     captured = capsys.readouterr()
