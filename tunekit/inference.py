@@ -44,8 +44,7 @@ class Loaded:
     def _prompts(self):
         """The run's ``PromptRenderer`` (None without a recorded data section)."""
         if self._renderer is None and self.data:
-            from tunekit.data import DataConfig
-            from tunekit.data.prompts import PromptRenderer
+            from tunekit.data import DataConfig, PromptRenderer
 
             try:
                 cfg = DataConfig.model_validate(self.data)
@@ -54,12 +53,13 @@ class Loaded:
             self._renderer = PromptRenderer(cfg, self.tokenizer, inference=True)
         return self._renderer
 
-    def prompt_ids(self, prompt: str | dict, raw: bool = False) -> list[int]:
+    def prompt_ids(self, prompt: str | dict, second: str | None = None, raw: bool = False) -> list[int]:
         """The token ids the model is given for ``prompt``: those training built for the same prompt.
 
         Args:
             prompt: the user's text (an instruction, a user message, a text to classify...), or a
                 row of the training format (``{"instruction": ..., "input": ...}``, ``{"messages": [...]}``).
+            second: an instruction's input, or a classification pair's second text.
             raw: tokenize the text as is (the tokenizer's special tokens, no template).
         """
         prompts = None if raw else self._prompts()
@@ -67,11 +67,11 @@ class Loaded:
             if not isinstance(prompt, str):
                 raise ValueError("a prompt given as a row needs the run's data config (an adapter saved by "
                                  "tunekit finetune) and raw=False")
-            return list(self.tokenizer(prompt)["input_ids"])
+            return list(self.tokenizer(prompt, second)["input_ids"])
         from tunekit.data.chat import SkipRow
 
         try:
-            return prompts.prompt_ids(prompts.row_for(prompt))[0]
+            return prompts.prompt_ids(prompts.row_for(prompt, second))[0]
         except SkipRow as skip:
             raise ValueError(f"prompt {prompt!r} does not fit data.format {prompts.cfg.format!r}: "
                              f"{skip.args[0]}") from None
@@ -163,11 +163,9 @@ def classify(loaded: Loaded, ids: list[list[int]], batch_size: int = 16) -> torc
     Batches are padded as training batched them (``tunekit.data.collate``: left for decoder
     classifiers), so a prompt's logits do not depend on the batch it lands in.
     """
-    from tunekit.data import Collator
+    from tunekit.data import collator_for
 
-    pad = loaded.tokenizer.pad_token_id
-    collate = Collator(pad if pad is not None else loaded.tokenizer.eos_token_id, "seq_cls",
-                       getattr(loaded.tokenizer, "padding_side", "right"))
+    collate = collator_for("seq_cls", loaded.tokenizer)
     out = []
     for start in range(0, len(ids), batch_size):
         rows = [{"input_ids": row, "attention_mask": [1] * len(row)} for row in ids[start: start + batch_size]]
@@ -178,26 +176,31 @@ def classify(loaded: Loaded, ids: list[list[int]], batch_size: int = 16) -> torc
 
 @torch.no_grad()
 def predict(source: str, prompts: list[str | dict], base: str | None = None, max_new_tokens: int = 64,
-            sample: bool = False, raw: bool = False, batch_size: int = 16) -> list[str]:
+            sample: bool = False, raw: bool = False, batch_size: int = 16,
+            inputs: list[str] | None = None) -> list[str]:
     """One output per prompt: the predicted label (classifiers) or the generated continuation.
 
     Each prompt becomes the token ids training built for the same prompt (``Loaded.prompt_ids``:
     the run's instruction or chat template, the tokenizer's special tokens as training added them),
-    unless ``raw``. Classifiers run in batches of ``batch_size``; generation stops at the model's
-    EOS or the end tokens training closed responses with.
+    unless ``raw``; ``inputs`` gives each prompt its instruction input or second text of a pair.
+    Classifiers run in batches of ``batch_size``; generation stops at the model's EOS or the end
+    tokens training closed responses with.
     """
+    if inputs is not None and len(inputs) != len(prompts):
+        raise ValueError(f"{len(inputs)} inputs for {len(prompts)} prompts: give one input per prompt")
     loaded = load_for_inference(source, base)
     model, tokenizer, task = loaded.model, loaded.tokenizer, loaded.task
-    ids = [loaded.prompt_ids(prompt, raw=raw) for prompt in prompts]
+    seconds = inputs if inputs is not None else [None] * len(prompts)
+    ids = [loaded.prompt_ids(prompt, second, raw=raw) for prompt, second in zip(prompts, seconds)]
     if task == "seq_cls":
         return [str(model.config.id2label[int(i)]) for i in classify(loaded, ids, batch_size).argmax(-1)]
     outputs, stop = [], loaded.stop_ids()
     for row in ids:
-        inputs = torch.tensor([row], device=model.device)
-        generated = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
+        prompt_ids = torch.tensor([row], device=model.device)
+        generated = model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
                                    max_new_tokens=max_new_tokens, do_sample=sample,
                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
-        new = generated[0] if task == "seq2seq" else generated[0, inputs.shape[1]:]
+        new = generated[0] if task == "seq2seq" else generated[0, len(row):]
         outputs.append(tokenizer.decode(new, skip_special_tokens=True))
     return outputs
 

@@ -18,7 +18,7 @@ def _texts(n: int, width: int = 1) -> list[dict]:
 def test_bad_rows_counted_by_reason_and_logged(tmp_path, caplog):
     path = tmp_path / "t.jsonl"
     path.write_text('{"text": "ok"}\n{"text": \n[1, 2]\n{"body": "x"}\n{"text": "  "}\n{"text": 5}\n'
-                    '{"text": "fine"}\n')
+                    '{"text": "fine"}\n', encoding="utf-8")
     with caplog.at_level(logging.INFO, logger="tunekit.data"):
         bundle = build_dataset(DataConfig(train_files=[str(path)]), tiny_tokenizer())
     stats = bundle.stats.train
@@ -58,7 +58,7 @@ def test_missing_file_and_unknown_extension_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data.train_files: file not found: .*nope.jsonl"):
         build_dataset(DataConfig(train_files=[str(tmp_path / "nope.jsonl")]), tiny_tokenizer())
     odd = tmp_path / "t.dat"
-    odd.write_text("x")
+    odd.write_text("x", encoding="utf-8")
     with pytest.raises(ValueError, match="set data.file_format"):
         build_dataset(DataConfig(train_files=[str(odd)]), tiny_tokenizer())
 

@@ -62,11 +62,13 @@ def _adapter(tmp_path: Path, data: DataConfig) -> Path:
 
 @pytest.mark.slow
 def test_non_ascii_files_and_templates_under_the_c_locale(tmp_path):
-    text_files = [write_rows(tmp_path / f"t.{ext}", [{"text": t} for t in TEXTS]) for ext in ("jsonl", "json", "csv", "txt")]
+    rows = [{"text": t} for t in TEXTS]
+    text_files = [write_rows(tmp_path / f"t.{ext}", rows) for ext in ("jsonl", "json", "csv", "txt")]
     (tmp_path / "chat.jinja").write_text(TEMPLATE, encoding="utf-8")
     messages = [{"role": "user", "content": TEXTS[0]}, {"role": "assistant", "content": TEXTS[2]}]
     chat_file = write_rows(tmp_path / "chat.jsonl", [{"messages": messages}])
-    data = DataConfig(train_files=[chat_file], format="instruction", prompt_template_no_input="Frage » {prompt}\nAntwort:",
+    data = DataConfig(train_files=[chat_file], format="instruction",
+                      prompt_template_no_input="Frage » {prompt}\nAntwort:",
                       prompt_template="Frage » {prompt} {input}\nAntwort:")
     spec = {"text_files": text_files, "chat_file": chat_file, "template": str(tmp_path / "chat.jinja"),
             "adapter": str(_adapter(tmp_path, data)), "prompt": TEXTS[1]}

@@ -80,7 +80,8 @@ def test_inference_prompt_ids_equal_the_training_prompt(tmp_path, case, kind):
     elif case.startswith("instruction"):
         n = labels.count(IGN)
         assert ids[:n] == expected and labels[:n] == [IGN] * n
-        assert ids[n:] == labels[n:] == list(tok(CASES[case][1]["output"], add_special_tokens=False)["input_ids"]) + [EOS]
+        response = tok(CASES[case][1]["output"], add_special_tokens=False)["input_ids"]
+        assert ids[n:] == labels[n:] == [*response, EOS]
     elif case == "chat":
         first_learned = next(i for i, label in enumerate(labels) if label != IGN)
         assert ids[:first_learned] == expected
@@ -93,3 +94,22 @@ def test_fill_template_leaves_other_braces_and_inserted_text_alone():
     template = '{"instruction": "{prompt}", "context": "{input}", "empty": {}}'
     assert fill_template(template, prompt="say {input}", input="{prompt} and {x}") == \
         '{"instruction": "say {input}", "context": "{prompt} and {x}", "empty": {}}'
+
+
+def test_a_second_text_is_the_instruction_input_or_the_pair(tmp_path):
+    tok = bpe_tokenizer()
+    _, row, _, text, _ = CASES["instruction-input"]
+    cfg = DataConfig(train_files=["unused.jsonl"], format="instruction", **INSTRUCTION)
+    loaded = Loaded(None, tok, cfg.task, cfg.model_dump(mode="json"))
+    assert loaded.prompt_ids(row["instruction"], row["input"]) == _expected(tok, KINDS["llama-like"], text, True)
+
+    rows = [{"premise": "the cat sat", "hypothesis": "a cat", "label": "yes"}]
+    cfg = DataConfig(train_files=[write_rows(tmp_path / "p.jsonl", rows)], format="classification",
+                     text_field="premise", text_pair_field="hypothesis", label_field="label")
+    trained = build_dataset(cfg, tok).train[0]["input_ids"]
+    inferred = Loaded(None, tok, cfg.task, cfg.model_dump(mode="json")).prompt_ids("the cat sat", "a cat")
+    assert inferred == trained == tok("the cat sat", "a cat")["input_ids"]
+
+    cfg = DataConfig(train_files=["unused.jsonl"])
+    with pytest.raises(ValueError, match="not data.format 'text'"):
+        Loaded(None, tok, cfg.task, cfg.model_dump(mode="json")).prompt_ids("the", "fox")

@@ -57,3 +57,9 @@ def test_a_prompt_that_does_not_fit_the_format_is_one_line(chat_run, capsys):
     loaded = load_adapted(chat_run)
     with pytest.raises(ValueError, match="does not fit data.format 'chat'"):
         loaded.prompt_ids({"messages": "not a list"})
+
+
+def test_generate_needs_one_input_per_prompt(capsys):
+    assert main(["generate", "/no/such/adapter", "--prompt", "a", "--prompt", "b", "--input", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 --input for 2 --prompt" in err[0]

@@ -181,11 +181,12 @@ def _pad_id(tokenizer) -> int:
     return pad
 
 
-def collator_for(cfg: DataConfig, tokenizer) -> Collator:
-    """The collate function for ``cfg``'s task: classification rows follow ``tokenizer.padding_side``
-    (``tunekit.load_model`` sets it left for decoder classifiers), the others pad on the right."""
-    side = getattr(tokenizer, "padding_side", "right") if cfg.task == "seq_cls" else "right"
-    return Collator(_pad_id(tokenizer), cfg.task, side)
+def collator_for(task: str, tokenizer) -> Collator:
+    """The collate function of a task (``causal_lm``, ``seq_cls``, ``seq2seq``): classification rows
+    follow ``tokenizer.padding_side`` (``tunekit.load_model`` sets it left for decoder classifiers),
+    the others pad on the right."""
+    side = getattr(tokenizer, "padding_side", "right") if task == "seq_cls" else "right"
+    return Collator(_pad_id(tokenizer), task, side)
 
 
 def build_dataset(cfg: DataConfig, tokenizer, *, seed: int = 0) -> DataBundle:
@@ -203,10 +204,10 @@ def build_dataset(cfg: DataConfig, tokenizer, *, seed: int = 0) -> DataBundle:
     Raises:
         ValueError: no usable rows in a source (names it), no labels found, no chat template,
             a tokenizer without pad/eos token.
+        FileNotFoundError: a listed file does not exist.
 
     The statistics (``bundle.stats.summary()``, skipped rows by reason) are logged at INFO on
-    ``tunekit.data``; ``finetune`` prints them.
-        FileNotFoundError: a listed file does not exist.
+    ``tunekit.data``, not shown; ``finetune`` prints them.
     """
     _pad_id(tokenizer)  # fails before reading anything
     train_rows = read_rows(cfg, "train")
@@ -224,6 +225,6 @@ def build_dataset(cfg: DataConfig, tokenizer, *, seed: int = 0) -> DataBundle:
     stats = DataStats(train_stats, eval_stats)
     # Logged, not shown: the caller shows `stats.summary()` once (finetune prints it), skipped rows included.
     logger.info(stats.summary())
-    return DataBundle(train=train, eval=evaluation, collate=collator_for(cfg, tokenizer), stats=stats,
+    return DataBundle(train=train, eval=evaluation, collate=collator_for(cfg.task, tokenizer), stats=stats,
                       task=cfg.task, label_names=label_names,
                       group_size=cfg.length_group_size if cfg.group_by_length else None)

@@ -138,19 +138,30 @@ class PromptRenderer:
             return self.bounded(cfg.max_seq_len, text_field(row, cfg.text_field), pair)
         return self.bounded(cfg.max_seq_len, text_field(row, cfg.source_field))
 
-    def row_for(self, prompt: str | dict) -> dict:
+    def row_for(self, prompt: str | dict, second: str | None = None) -> dict:
         """A row of this format holding a user's prompt text (a dict is already a row).
 
-        ``instruction`` prompts take the no-input template; ``chat`` prompts are one user message.
+        ``second`` is an instruction's input (without one the no-input template applies) or a
+        classification pair's second text; ``chat`` prompts are one user message.
+
+        Raises:
+            ValueError: ``second`` for a format that has no second text.
         """
         if isinstance(prompt, dict):
             return prompt
         cfg = self.cfg
         if cfg.format == "chat":
-            return {cfg.messages_field: [{"role": "user", "content": prompt}]}
-        field = {"text": cfg.text_field, "instruction": cfg.prompt_field, "classification": cfg.text_field,
-                 "seq2seq": cfg.source_field}[cfg.format]
-        return {field: prompt}
+            row = {cfg.messages_field: [{"role": "user", "content": prompt}]}
+        else:
+            row = {{"text": cfg.text_field, "instruction": cfg.prompt_field, "classification": cfg.text_field,
+                    "seq2seq": cfg.source_field}[cfg.format]: prompt}
+        if second is not None:
+            field = {"instruction": cfg.input_field, "classification": cfg.text_pair_field}.get(cfg.format)
+            if field is None:
+                raise ValueError(f"a second text (an input) fits an instruction run or a classification run on "
+                                 f"text pairs, not data.format {cfg.format!r}")
+            row[field] = second
+        return row
 
     def end_ids(self) -> list[int]:
         """Ids training puts after a response (closing specials, EOS when ``add_eos``): where to stop."""
