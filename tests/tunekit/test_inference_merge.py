@@ -24,8 +24,11 @@ from tunekit.models.config import ModelConfig
 pytest.importorskip("bitsandbytes")
 
 
-def _trained_qlora(tmp_path):
-    """A tiny Llama saved, loaded 4-bit, LoRA on q/v only (the other layers stay 4-bit), trained."""
+@pytest.fixture(scope="module")
+def trained_qlora(tmp_path_factory):
+    """(model, adapter folder): a tiny Llama saved, loaded 4-bit, LoRA on q/v only (the other
+    layers stay 4-bit), trained, saved."""
+    tmp_path = tmp_path_factory.mktemp("qlora")
     base = tmp_path / "base"
     # bitsandbytes' 4-bit blocks are 64 wide: in_features >= 64
     tiny_llama(hidden_size=64, intermediate_size=128, head_dim=16).save_pretrained(base)
@@ -44,8 +47,8 @@ def _trained_qlora(tmp_path):
     return model.eval(), adapter
 
 
-def test_qlora_merge_equals_the_trained_4bit_model(tmp_path, capsys):
-    model, adapter = _trained_qlora(tmp_path)
+def test_qlora_merge_equals_the_trained_4bit_model(trained_qlora, tmp_path, capsys):
+    model, adapter = trained_qlora
     inputs = tiny_inputs("llama", seed=5)
     with torch.no_grad():
         trained = model(**inputs).logits
@@ -59,19 +62,19 @@ def test_qlora_merge_equals_the_trained_4bit_model(tmp_path, capsys):
         assert max_abs_diff(merged(**inputs).logits, trained) <= FP32_DEQUANT_MERGE
 
 
-def test_qlora_merge_to_bf16_rounds_the_dequantized_merge(tmp_path):
-    model, adapter = _trained_qlora(tmp_path)
+def test_qlora_merge_to_bf16_rounds_the_dequantized_merge(trained_qlora, tmp_path):
+    model, adapter = trained_qlora
     assert main(["merge", str(adapter), "--out", str(tmp_path / "merged"), "--dtype", "bf16"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.dtype == torch.bfloat16
     # q_proj: W_dequantized + s * B @ A, each element rounded once to bf16 (the formula written out)
-    wrapped = model.model.layers[0].self_attn.q_proj
-    branch = wrapped.adapters["default"]
     import bitsandbytes.functional as bnbF
 
-    base = wrapped.base_layer
-    dequantized = bnbF.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
-    expected = dequantized + branch.scaling * (branch.lora_B.weight @ branch.lora_A.weight)
+    wrapped = model.model.layers[0].self_attn.q_proj
+    branch, base = wrapped.adapters["default"], wrapped.base_layer
+    with torch.no_grad():
+        dequantized = bnbF.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+        expected = dequantized + branch.scaling * (branch.lora_B.weight @ branch.lora_A.weight)
     # bf16 keeps 8 significant bits: rounding moves a value by at most 2^-9 of it (2^-8 leaves room
     # for the fp32 sum itself differing in its last bit)
     error = (merged.model.layers[0].self_attn.q_proj.weight.float() - expected).abs()
