@@ -146,8 +146,9 @@ def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, safe: b
     The merged weight is computed in fp32 and rounded once to the weights' dtype; the
     original weights are kept (one extra copy of each merged weight) so that
     ``unmerge_adapters`` restores them bit-exactly, and a tied output head gets a
-    merged weight of its own while the input embeddings stay unchanged. Idempotent: merging twice changes nothing. Refuses, before touching any
-    weight, if some adapter cannot be merged (serial bottleneck, quantized base).
+    merged weight of its own while the input embeddings stay unchanged. Idempotent:
+    merging twice changes nothing. Refuses, before touching any weight, if some
+    adapter cannot be merged (serial bottleneck, quantized base).
     """
     names = list(names) if names is not None else active_adapters(model)
     if any(not isinstance(h, AdapterLayer) and set(names) & set(h.adapters) for _, h in iter_hosts(model)):
