@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunekit.adapters.hf.tasks import TASKS
 from tunekit.models.config import ModelConfig
 
 __all__ = ["Loaded", "classify", "load_adapted", "load_for_inference", "merge_adapter", "predict"]
 
-_PEFT_TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "seq_cls", "SEQ_2_SEQ_LM": "seq2seq"}
+_PEFT_TASKS = {spec.peft_task_type: task for task, spec in TASKS.items()}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tunekit.adapters.hf.tasks import IGNORE_INDEX
 from tunekit.data.chat import SkipRow, parse_messages
 from tunekit.data.config import DataConfig
 from tunekit.data.prompts import PromptRenderer, text_field
 
-IGNORE_INDEX = -100
-"""Label value ignored by the loss (PyTorch's cross-entropy default)."""
 
 
 @dataclass
