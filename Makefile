@@ -34,9 +34,11 @@ lint: $(STAMP)
 test: lint
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -m "not gpu" -q
 
+# bench/sft.py's peers (PEFT, TRL) are in the `test` extra that $(STAMP) installs (and in `bench`).
 bench: $(STAMP)
 	$(PY) bench/kernels.py
 	$(PY) bench/train.py
+	$(PY) bench/sft.py --json runs/bench-sft.json --markdown runs/bench-sft.md
 
 clean:
 	rm -rf $(VENV) runs
