@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 from importlib import metadata
@@ -75,7 +76,7 @@ def environment(threads: int) -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": __import__("os").cpu_count(), "gpu": gpu, "threads": threads,
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "threads": threads,
             "python": platform.python_version(), "versions": versions}
 
 

@@ -42,8 +42,8 @@ def test_flop_formula_matches_torch_flop_counter():
 
 
 def test_causal_pairs_count_each_packed_sequence_alone():
-    measure = _bench().measure
-    arch = {**_bench().workload.SIZES["tiny"], "vocab": 96}
+    bench = _bench()
+    measure, arch = bench.measure, {**bench.workload.SIZES["tiny"], "vocab": 96}
     packed = measure.train_flops(arch, [5, 3], head_positions=0, rank=4)
     alone = measure.train_flops(arch, [5], head_positions=0, rank=4) + measure.train_flops(arch, [3], 0, rank=4)
     assert packed == alone  # attention is per sequence: 15 + 6 causal pairs, not (5 + 3)(5 + 3 + 1)/2
