@@ -204,6 +204,11 @@ def load_model(cfg: ModelConfig, *, task: str, num_labels: int | None = None,
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # a pad token was added
     model.config.pad_token_id = tokenizer.pad_token_id
+    if task == "seq_cls":
+        # Decoder classifiers (transformers names their head `score`) pool the last position when
+        # the input arrives as embeddings (prompt tuning): left padding keeps a real token there.
+        # Encoders pool the first token. tunekit.data's collate follows this setting.
+        tokenizer.padding_side = "left" if hasattr(model, "score") else "right"
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.quantization is not None:
