@@ -51,9 +51,11 @@ test-latest:
 		| tr '\n' ' ' | sed 's/^/newest allowed versions: /'; echo
 	TRITON_INTERPRET=1 $(LATEST)/bin/pytest -m "not gpu and not slow" -q $(LATEST_TESTS)
 
+# bench/sft.py's peers (PEFT, TRL) are in the `test` extra that $(STAMP) installs (and in `bench`).
 bench: $(STAMP)
 	$(PY) bench/kernels.py
 	$(PY) bench/train.py
+	$(PY) bench/sft.py --json runs/bench-sft.json --markdown runs/bench-sft.md
 
 clean:
 	rm -rf $(VENV) $(LATEST) runs
