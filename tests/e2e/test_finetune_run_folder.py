@@ -8,18 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _tiny_runs import run_config
+from _tiny_runs import eval_reloaded, run_config
 from _tolerances import FP32_EXACT
+from _trainer_runs import snapshot
 
 import tunekit
 from tunekit.cli import main
-from tunekit.config import load_config
-from tunekit.inference import load_adapted
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def from_config_run(tmp: Path, steps: int = 2) -> tuple[dict, Path, Path]:
@@ -73,16 +67,6 @@ def test_a_failed_finetune_leaves_the_run_folder_as_it_was(finished, capsys, ove
     assert after == before
 
 
-def _eval_reloaded(cfg: dict, adapter_dir: Path) -> dict[str, float]:
-    from tunekit.data import build_dataset
-    from tunekit.train import Trainer
-
-    loaded = load_adapted(adapter_dir)
-    resolved = load_config(cfg)
-    data = build_dataset(resolved.data, loaded.tokenizer, seed=resolved.train.seed)
-    return Trainer(loaded.model, data, resolved.train, adapter_dir.parent / "reload").evaluate()
-
-
 def test_a_resumed_from_config_run_reloads_its_saved_base(tmp_path, capsys):
     cfg, path, out = from_config_run(tmp_path)
     assert main(["finetune", str(path)]) == 0
@@ -95,7 +79,7 @@ def test_a_resumed_from_config_run_reloads_its_saved_base(tmp_path, capsys):
     result = tunekit.finetune(str(path), ["train.seed=1", "train.max_steps=4", "train.resume_with_changes=true"])
     assert result.train.global_step == 4
     assert snapshot(out / "base") == base
-    reloaded = _eval_reloaded({**cfg, "train": {**cfg["train"], "seed": 1}}, result.adapter_dir)
+    reloaded = eval_reloaded({**cfg, "train": {**cfg["train"], "seed": 1}}, result.adapter_dir)
     assert abs(reloaded["loss"] - result.metrics["loss"]) <= FP32_EXACT
     # A changed architecture cannot be applied to a saved base: refused even when changes are allowed.
     with pytest.raises(ValueError, match=r"model.config_overrides changed.*keeps the base"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from _tiny import tiny_llama
 from _train_data import ToyLM
@@ -53,3 +55,8 @@ def trainable(model) -> dict[str, torch.Tensor]:
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-6) -> None:
     assert a.keys() == b.keys()
     assert max((a[n].float() - b[n].float()).abs().max().item() for n in a) <= tol
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -3,6 +3,7 @@ and after a real SIGTERM), early stopping's last checkpoint."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,8 +34,7 @@ def test_checkpoint_contents_and_keep_last(tmp_path):
     progress = json.loads((last / "progress.json").read_text(encoding="utf-8"))
     # 2 steps per epoch: step 6 is the last of epoch 2 (0-based); resume moves on to epoch 3.
     assert (progress["global_step"], progress["epoch"], progress["step_in_epoch"]) == (6, 2, 2)
-    assert len(progress["run_id"]) >= 8 and json.loads(kept[0].joinpath("progress.json").read_text())["run_id"] == \
-        progress["run_id"]
+    assert len(progress["run_id"]) >= 8 and ckpt.run_id_of(kept[0]) == progress["run_id"]  # one run
     assert json.loads((last / "config.json").read_text(encoding="utf-8"))["train"]["keep_last"] == 2
     assert load_file(str(last / "trainable.safetensors")).keys() == trainable(model).keys()
     # The adapter folder is a normal save_adapters() output: it loads back into a fresh model.
@@ -73,10 +73,18 @@ def test_keep_last_prunes_only_the_runs_own_checkpoints(tmp_path):
     assert [(p.name, ckpt.run_id_of(p)) for p in list_checkpoints(tmp_path)] == [("step-2", "a"), ("step-5", "b")]
 
 
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory):
+    """(run folder with step-2, step-4 and step-6, the run's final weights)."""
+    out = tmp_path_factory.mktemp("checkpointed")
+    model, _ = run(out, save_every=2, keep_last=None)
+    return out, trainable(model)
+
+
 @pytest.mark.parametrize("damaged", ["trainable.safetensors", "optimizer.pt", "progress.json"])
-def test_a_damaged_checkpoint_is_refused_naming_the_previous_complete_one(tmp_path, damaged):
-    full, _ = run(tmp_path / "full")
-    run(tmp_path, save_every=2, keep_last=None)
+def test_a_damaged_checkpoint_is_refused_naming_the_previous_complete_one(tmp_path, checkpointed_run, damaged):
+    source, final_weights = checkpointed_run
+    shutil.copytree(source, tmp_path, dirs_exist_ok=True)
     root = tmp_path / "checkpoints"
     file = root / "step-6" / damaged
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # complete-looking, truncated
@@ -85,10 +93,10 @@ def test_a_damaged_checkpoint_is_refused_naming_the_previous_complete_one(tmp_pa
     message = str(info.value)
     assert "\n" not in message and f"checkpoint {root / 'step-6'} is damaged ({damaged}:" in message
     assert f"train.resume={root / 'step-4'}" in message and "train.resume=never" in message
-    # The way out it names works, and the run ends as an uninterrupted one.
+    # The way out it names works, and the run ends with the uninterrupted run's weights.
     resumed, result = run(tmp_path, resume=str(root / "step-4"), save_every=2)
     assert result.global_step == 6
-    assert_same_weights(trainable(full), trainable(resumed))
+    assert_same_weights(final_weights, trainable(resumed))
 
 
 @pytest.mark.parametrize("save_every", [1, 2])  # 1 divides the stop step (3), 2 does not

@@ -33,6 +33,18 @@ def reference_grads(model, batch) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
+@torch.no_grad()
+def reference_lm_loss(model, rows) -> float:
+    """Mean next-token cross-entropy over every target of ``rows``, one unpadded row at a time."""
+    total, count = 0.0, 0
+    for row in rows:
+        logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+        labels = torch.tensor(row["labels"][1:])
+        total += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
+    return total / count
+
+
 def test_lora_training_lowers_eval_loss_and_keeps_base_frozen(tmp_path):
     model, data = learner()
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -141,15 +153,9 @@ def test_evaluate_seq_cls_accuracy_and_loss_match_a_reference(tmp_path):
 def test_evaluate_lm_loss_is_token_weighted_over_batches(tmp_path):
     model, data = lora_llama(), ToyLM(n_eval=7)
     metrics = Trainer(model, data, TrainConfig(eval_batch_size=3), tmp_path).evaluate()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for row in data.eval:
-            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
-            labels = torch.tensor(row["labels"][1:])
-            total += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
-            count += int((labels != -100).sum())
-    assert metrics["loss"] == pytest.approx(total / count, abs=FP32_EXACT)
-    assert metrics["perplexity"] == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
+    reference = reference_lm_loss(model, data.eval)
+    assert metrics["loss"] == pytest.approx(reference, abs=FP32_EXACT)
+    assert metrics["perplexity"] == pytest.approx(torch.tensor(reference).exp().item(), rel=1e-5)
 
 
 def test_early_stopping_triggers_after_patience(tmp_path):
@@ -203,14 +209,7 @@ def test_fused_evaluation_matches_the_reference_loss_without_full_vocabulary_log
     model.lm_head.register_forward_hook(lambda _m, _i, out: head_positions.append(out.shape[1]))
     metrics = Trainer(model, data, TrainConfig(eval_batch_size=3, fused_cross_entropy=True), tmp_path).evaluate()
     assert head_positions and set(head_positions) == {1}  # the head never produced (B, T, V) logits
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for row in data.eval:
-            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
-            labels = torch.tensor(row["labels"][1:])
-            total += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
-            count += int((labels != -100).sum())
-    assert metrics["loss"] == pytest.approx(total / count, abs=1e-5)
+    assert metrics["loss"] == pytest.approx(reference_lm_loss(model, data.eval), abs=1e-5)
 
 
 def test_a_multi_process_launch_is_refused_without_a_strategy(tmp_path, monkeypatch):

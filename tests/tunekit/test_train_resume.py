@@ -5,11 +5,9 @@ trajectory still matches an uninterrupted run; changes that alter training are r
 real with train.resume_with_changes.
 """
 
-from pathlib import Path
-
 import pytest
 from _train_data import ToyLM
-from _trainer_runs import assert_same_weights, lora_trainer, run, trainable
+from _trainer_runs import assert_same_weights, lora_trainer, run, snapshot, trainable
 from safetensors.torch import load_file
 
 from tunekit.train import list_checkpoints
@@ -18,11 +16,6 @@ from tunekit.train.checkpoint import run_id_of
 # A schedule whose first steps do not depend on the run's length: warmup 0 -> 0.5 -> 1, then constant.
 CONSTANT = dict(scheduler="constant", warmup_steps=2)
 RUN_CONFIG = {"model": {"name_or_path": "tiny"}, "data": {"max_seq_len": 16}}
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_a_new_run_in_a_folder_with_another_runs_checkpoints_is_refused_and_changes_nothing(tmp_path):

@@ -367,8 +367,9 @@ class Trainer:
                 shutil.rmtree(folder)
         if self._resume is None:
             return Progress(run_id=new_run_id())
-        restore_checkpoint(self._resume, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-        return Progress(**{"run_id": self._resume.run_id, **self._resume.progress})
+        saved, self._resume = self._resume, None  # its tensors are not needed once restored
+        restore_checkpoint(saved, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        return Progress(**{"run_id": saved.run_id, **saved.progress})
 
     def _restore_best(self, progress: Progress, log: RunLogger) -> dict[str, float] | None:
         """Put back the weights of the best evaluation; returns its metrics (None if not kept)."""
