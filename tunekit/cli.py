@@ -1,18 +1,21 @@
 """The ``tunekit`` command: finetune, merge, generate.
 
-    tunekit finetune CONFIG [key=value ...] [--print-config]
+    tunekit finetune CONFIG [key=value ...] [--print-config]     (flags and overrides in any order)
     tunekit merge ADAPTER_DIR [--base MODEL] --out DIR
     tunekit generate MODEL_OR_ADAPTER --prompt TEXT [--base MODEL]
     tunekit --version
 
-``main(argv)`` returns the exit code, so tests call it in-process. Errors
-print one line to stderr: exit 2 for an invalid config or command line, 1 for
-anything that fails while running (``--debug`` shows the traceback instead).
+``main(argv)`` returns the exit code, so tests call it in-process. The command
+line is parsed before anything heavy is imported (``-h`` and ``--version``
+never load torch). Errors print one line to stderr: exit 2 for an invalid
+config or command line, 1 for anything that fails while running (``--debug``
+shows the traceback instead).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -84,9 +87,33 @@ class UsageError(Exception):
     """A command line that cannot run (exit 2)."""
 
 
+# A dotted config key (train.lr); config files end in one of _CONFIG_SUFFIXES.
+_KEY = re.compile(r"[A-Za-z_]\w*(\.\w+)+")
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _refuse_misspelled_override(items: list[str], i: int) -> None:
+    """Raise for ``--key=value`` / ``--key value`` / ``key value``, showing the ``key=value`` form."""
+    item = items[i]
+    bare = item.lstrip("-")
+    following = items[i + 1] if i + 1 < len(items) and "=" not in items[i + 1] else "VALUE"
+    if item.startswith("-"):
+        if "=" in bare:
+            raise UsageError(f"finetune: overrides are key=value without dashes: {bare} (not {item})")
+        if _KEY.fullmatch(bare):
+            raise UsageError(f"finetune: overrides are key=value without dashes: {bare}={following} "
+                             f"(not {item} {following})")
+        raise UsageError(f"finetune: unknown option {item} (tunekit finetune -h lists the options)")
+    if "=" not in item and _KEY.fullmatch(item) and not item.endswith(_CONFIG_SUFFIXES) and not Path(item).exists():
+        raise UsageError(f"finetune: overrides are key=value: {item}={following} (not {item} {following})")
+
+
 def _split_finetune_args(args: argparse.Namespace) -> tuple[str, list[str]]:
-    paths = [a for a in args.args if "=" not in a]
-    overrides = [a for a in args.args if "=" in a]
+    items = [*args.args, *args.unparsed]  # argparse leaves what follows a flag unparsed
+    for i in range(len(items)):
+        _refuse_misspelled_override(items, i)
+    paths = [a for a in items if "=" not in a]
+    overrides = [a for a in items if "=" in a]
     if args.config:
         paths = [args.config, *paths]
     if len(paths) != 1:
@@ -110,6 +137,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"merge: --out {args.out} is a file; give a folder (new or existing) to write the merged "
+                         "model to")
     from tunekit.inference import merge_adapter
 
     out = merge_adapter(args.adapter_dir, Path(args.out), base=args.base, dtype=args.dtype)
@@ -138,16 +168,18 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the tunekit command line; returns the process exit code."""
-    from tunekit.config import ConfigError
-
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, args.unparsed = parser.parse_known_args(argv)
+        if args.unparsed and args.command != "finetune":  # finetune takes overrides after its flags too
+            parser.error(f"unrecognized arguments: {' '.join(args.unparsed)}")
     except SystemExit as exit_:  # -h, --version, or an argparse usage error (already printed)
         return int(exit_.code or 0)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    from tunekit.config import ConfigError  # only now: parsing (-h, --version) never imports torch
+
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
