@@ -68,9 +68,10 @@ def _check_runnable(cfg: FinetuneConfig) -> None:
     if cfg.distributed.strategy != "none":
         raise ValueError(f"distributed.strategy={cfg.distributed.strategy!r} is not wired into finetune in this "
                          "version; use distributed.strategy: none")
-    if cfg.hub.push:
-        raise ValueError("hub.push=true is not available in this version; upload output.dir/adapter with "
-                         "`huggingface-cli upload` and set hub.push: false")
+    if cfg.hub.push:  # offline, no token, bad repo id, no write access: fail now, not after training
+        from tunekit.hub import check_push_config
+
+        check_push_config(cfg.hub)
 
 
 def _base_record(cfg: FinetuneConfig, out: Path, model, tokenizer, task: str, labels) -> dict[str, Any]:
@@ -176,4 +177,8 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, overrides:
                             merged_dir=merged_dir, metrics_file=trained.metrics_file, config_file=config_file,
                             train=trained)
     print(_summary(result))
+    if cfg.hub.push:  # after the final save: a failed push leaves every file in place
+        from tunekit.hub import push_after_finetune
+
+        push_after_finetune(cfg, result)
     return result
