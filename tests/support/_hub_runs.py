@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-from contextlib import redirect_stdout
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 from _tiny_runs import run_config
+from hub_server import HubServer, use_in_process
 
 SENTINEL = "hf_SENTINELdoNotLeak0123456789abcdef"
 """The token the Hub stand-in accepts; tests check it never shows up anywhere but the Authorization header."""
@@ -41,3 +43,12 @@ def base_dir(run: Path) -> Path:
     """The local base model folder a run trained on."""
     record = json.loads((run / "adapter" / "tunekit_base.json").read_text(encoding="utf-8"))
     return Path(record["model"]["name_or_path"])
+
+
+@contextmanager
+def serving_base(monkeypatch, run: Path, **server_options) -> Iterator[HubServer]:
+    """A stand-in this process pushes to, holding the run's base model as ``tiny/llama``."""
+    with HubServer(token=SENTINEL, **server_options) as server:
+        use_in_process(monkeypatch, server)
+        server.seed("tiny/llama", base_dir(run))
+        yield server

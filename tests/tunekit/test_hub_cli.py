@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from _hub_runs import SENTINEL, base_dir, finished_run, shared_runs
-from hub_server import HubServer, use_in_process
+from _hub_runs import finished_run, serving_base, shared_runs
 
 from tunekit.cli import main
 
@@ -14,19 +13,10 @@ def run(tmp_path_factory):
     return finished_run(shared_runs(tmp_path_factory))
 
 
-def _serve(monkeypatch, run, **kw):
-    server = HubServer(token=SENTINEL, **kw)
-    server.__enter__()
-    use_in_process(monkeypatch, server)
-    server.seed("tiny/llama", base_dir(run))
-    return server
-
-
 @pytest.fixture
 def hub(monkeypatch, run):
-    server = _serve(monkeypatch, run)
-    yield server
-    server.__exit__()
+    with serving_base(monkeypatch, run) as server:
+        yield server
 
 
 def _one_error_line(capsys) -> str:
@@ -71,8 +61,7 @@ def test_a_folder_without_adapter_is_named(hub, tmp_path, capsys):
 def test_no_token_offline_and_a_read_only_token_are_refused(monkeypatch, run, capsys, tmp_path):
     from huggingface_hub import constants
 
-    server = _serve(monkeypatch, run, token_role="read")
-    try:
+    with serving_base(monkeypatch, run, token_role="read") as server:
         argv = ["push", str(run), "--repo", "alice/x", "--base-model", "tiny/llama"]
         assert main(argv) == 1
         assert "the token is read-only" in _one_error_line(capsys)
@@ -87,8 +76,6 @@ def test_no_token_offline_and_a_read_only_token_are_refused(monkeypatch, run, ca
         assert main(argv) == 1
         assert "offline mode is on (HF_HUB_OFFLINE=1)" in _one_error_line(capsys)
         assert set(server.repos) == {"tiny/llama"}
-    finally:
-        server.__exit__()
 
 
 def test_a_card_the_hub_rejects_stops_the_push_before_the_repo_exists(hub, run, capsys):

@@ -11,8 +11,7 @@ import shutil
 
 import pytest
 import torch
-from _hub_runs import SENTINEL, base_dir, finished_run, shared_runs
-from hub_server import HubServer, use_in_process
+from _hub_runs import base_dir, finished_run, serving_base, shared_runs
 from safetensors.torch import load_file, save_file
 
 
@@ -23,9 +22,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture
 def hub(monkeypatch, run):
-    with HubServer(token=SENTINEL) as server:
-        use_in_process(monkeypatch, server)
-        server.seed("tiny/llama", base_dir(run))
+    with serving_base(monkeypatch, run) as server:
         yield server
 
 

@@ -12,8 +12,8 @@ import traceback
 from pathlib import Path
 
 import pytest
-from _hub_runs import SENTINEL, base_dir, finished_run, shared_runs
-from hub_server import HubServer, use_in_process
+from _hub_runs import SENTINEL, finished_run, serving_base, shared_runs
+from hub_server import HubServer
 
 from tunekit.cli import main
 
@@ -25,9 +25,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture
 def hub(monkeypatch, run):
-    with HubServer(token=SENTINEL) as server:
-        use_in_process(monkeypatch, server)
-        server.seed("tiny/llama", base_dir(run))
+    with serving_base(monkeypatch, run) as server:
         yield server
 
 
