@@ -240,3 +240,23 @@ def test_a_large_model_goes_to_a_branch_and_is_promoted_in_one_commit(hub, tmp_p
     assert hub.files("alice/big") == branch_files
     assert promoted.commit == hub.head("alice/big") and len(hub.repos["alice/big"].history("main")) == 2
     assert hub.head("tiny/llama") == main_before
+
+
+def test_a_prompt_adapter_initialised_from_text_names_no_local_tokenizer(hub, run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.adapters import PromptConfig, inject_adapters, save_adapters
+
+    base = base_dir(run)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    inject_adapters(model, PromptConfig(num_virtual_tokens=3, init="text", init_text="red cat",
+                                        tokenizer_name_or_path=str(base)))
+    folder = tmp_path / "adapter"
+    save_adapters(model, folder)
+    shutil.copy(run / "adapter" / "tunekit_base.json", folder)
+    assert str(base) in (folder / "adapter_config.json").read_text(encoding="utf-8")
+    _push(folder, "alice/prompt")
+    files = hub.files("alice/prompt")
+    assert json.loads(files["adapter_config.json"])["tokenizer_name_or_path"] == "tiny/llama"
+    assert str(base) not in files["README.md"].decode() and "| tokenizer_name_or_path | tiny/llama |" in \
+        files["README.md"].decode()

@@ -16,7 +16,8 @@ from typing import Any
 
 from tunekit.hub.access import PushError, hub_failure
 from tunekit.hub.card import CardSpec, RunFacts, run_facts
-from tunekit.hub.manifest import BASE_INFO_NAME, Manifest, adapter_manifest, hub_id_or_none, model_manifest
+from tunekit.hub.manifest import (BASE_INFO_NAME, Manifest, adapter_manifest, hub_id_or_none, model_manifest,
+                                  public_json)
 
 __all__ = ["LOSS_CURVE", "Plan", "plan_adapter", "plan_model", "recorded_source"]
 
@@ -149,7 +150,7 @@ def plan_adapter(api, folder: Path, run: Path | None, repo_id: str, revision: st
     for sub in _adapter_folders(folder):
         check_adapter_folder(sub, config)
     method, adapter_cfg = read_adapter_config(folder)
-    adapter = adapter_cfg.model_dump(mode="json")
+    adapter = public_json(adapter_cfg.model_dump(mode="json"), base_id)  # the card shows it: no local paths
     facts = run_facts(run, train_stats)
     spec = CardSpec(repo_id=repo_id, kind="adapter", base_model=base_id, task=task,
                     method_tag=_method_tag(adapter, model), adapter=adapter,
@@ -197,7 +198,7 @@ def plan_model(api, folder: Path, run: Path | None, repo_id: str, revision: str,
 
         record = json.loads((record_dir / BASE_INFO_NAME).read_text(encoding="utf-8"))
         task, model = record.get("task"), record["model"]
-        adapter = read_adapter_config(record_dir)[1].model_dump(mode="json")
+        adapter = public_json(read_adapter_config(record_dir)[1].model_dump(mode="json"), base_model)
     notes: list[str] = []
     base_id = base_model or hub_id_or_none((model or {}).get("name_or_path"))
     if kind == "merged" and base_id is None:
