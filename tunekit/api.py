@@ -80,9 +80,10 @@ def _check_runnable(cfg: FinetuneConfig) -> None:
     if cfg.distributed.strategy != "none":
         raise ConfigError([f"distributed.strategy={cfg.distributed.strategy!r} is not wired into finetune in this "
                            "version; use distributed.strategy: none"])
-    if cfg.hub.push:
-        raise ConfigError(["hub.push=true is not available in this version; upload output.dir/adapter with "
-                           "`huggingface-cli upload` and set hub.push: false"])
+    if cfg.hub.push:  # offline, no token, bad repo id, no write access: fail now, not after training
+        from tunekit.hub import check_push_config
+
+        check_push_config(cfg.hub)
     if problem := external_launch_problem():
         raise ConfigError([problem])
 
@@ -254,4 +255,8 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, overrides:
                             merged_dir=merged_dir, metrics_file=trained.metrics_file, config_file=config_file,
                             train=trained, metrics_split="eval" if after is not None else "train")
     print(_summary(result))
+    if cfg.hub.push:  # after the final save: a failed push leaves every file in place
+        from tunekit.hub import push_after_finetune
+
+        push_after_finetune(cfg, result)
     return result

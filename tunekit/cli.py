@@ -1,8 +1,9 @@
-"""The ``tunekit`` command: finetune, merge, generate.
+"""The ``tunekit`` command: finetune, merge, generate, push.
 
     tunekit finetune CONFIG [key=value ...] [--print-config]     (flags and overrides in any order)
     tunekit merge ADAPTER_DIR [--base MODEL] --out DIR
     tunekit generate MODEL_OR_ADAPTER --prompt TEXT [--base MODEL]
+    tunekit push RUN_OR_ADAPTER_DIR --repo USER/NAME [--merged] [--base-model HUB_ID] ...
     tunekit --version
 
 ``main(argv)`` returns the exit code, so tests call it in-process. The command
@@ -70,16 +71,46 @@ def _generate_parser(sub, common) -> None:
                         "instruction or chat template, special tokens as in training)")
 
 
+def _push_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "push", parents=[common], help="push a trained adapter or merged model to the Hugging Face Hub",
+        description="Upload the adapter (or, with --merged, the merged model) and a model card in one atomic "
+                    "commit. The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT picks a private Hub.",
+    )
+    p.add_argument("source", nargs="?", metavar="RUN_OR_ADAPTER_DIR",
+                   help="a run folder (output.dir), its adapter/ folder, or (with --merged) a model folder")
+    p.add_argument("--repo", required=True, metavar="USER/NAME", help="target repository (created when missing)")
+    p.add_argument("--merged", action="store_true", help="push the merged model (<run>/merged) instead")
+    vis = p.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_const", const=True, default=None,
+                     help="create the repo private (the default for new repos)")
+    vis.add_argument("--public", dest="private", action="store_const", const=False,
+                     help="create the repo public; an existing repo's visibility is never changed")
+    p.add_argument("--revision", default="main", metavar="BRANCH", help="branch to push to (created from main)")
+    p.add_argument("--commit-message", help="commit title (default: tunekit: <method> adapter for <base>)")
+    p.add_argument("--base-model", metavar="HUB_ID",
+                   help="the base's Hub id, when the run loaded a local copy of it (the pushed files name it)")
+    p.add_argument("--push-base", action="store_true",
+                   help="the base has no Hub id (model.from_config, a local folder): push it to <repo>-base too")
+    p.add_argument("--force", action="store_true",
+                   help="push into a repo holding files tunekit did not write, or another base model")
+    p.add_argument("--overwrite-card", action="store_true",
+                   help="replace the repo's README.md instead of merging tunekit's section into it")
+    p.add_argument("--promote", metavar="BRANCH",
+                   help="instead of uploading: make a large push's branch the content of --revision in one commit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser = argparse.ArgumentParser(
         prog="tunekit", description="Parameter-efficient fine-tuning of Hugging Face Transformers.")
     parser.add_argument("--version", action="version", version=f"tunekit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{finetune,merge,generate}")
+    sub = parser.add_subparsers(dest="command", metavar="{finetune,merge,generate,push}")
     _finetune_parser(sub, common)
     _merge_parser(sub, common)
     _generate_parser(sub, common)
+    _push_parser(sub, common)
     return parser
 
 
@@ -158,7 +189,27 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"finetune": _run_finetune, "merge": _run_merge, "generate": _run_generate}
+def _run_push(args: argparse.Namespace) -> int:
+    from tunekit.hub import PushError, parse_repo_id, promote_branch, push_to_hub
+
+    try:
+        parse_repo_id(args.repo)
+    except PushError as err:
+        raise UsageError(str(err)) from None
+    if args.promote:
+        result = promote_branch(args.repo, args.promote, revision=args.revision, force=args.force,
+                                commit_message=args.commit_message)
+    elif args.source is None:
+        raise UsageError("push: give RUN_OR_ADAPTER_DIR (tunekit push runs/NAME --repo USER/NAME)")
+    else:
+        result = push_to_hub(args.source, args.repo, merged=args.merged, private=args.private,
+                             revision=args.revision, commit_message=args.commit_message, base_model=args.base_model,
+                             force=args.force, push_base=args.push_base, overwrite_card=args.overwrite_card)
+    print(result.summary())
+    return 0
+
+
+_COMMANDS = {"finetune": _run_finetune, "merge": _run_merge, "generate": _run_generate, "push": _run_push}
 
 
 def _one_line(err: BaseException) -> str:

@@ -81,6 +81,9 @@ class HubConfig(BaseModel):
     private: bool = True
     """Create the repository as private."""
 
+    base_model: str | None = None
+    """Hub id of the base model, when model.name_or_path is a local copy of it (the pushed files name it)."""
+
 
 class OutputConfig(BaseModel):
     """Where results go."""
