@@ -24,3 +24,8 @@ BF16_COMPUTE = 5e-3
 FLASH_LSE = {torch.float32: 1e-5, torch.float16: 1e-3}
 # bitsandbytes' 8-bit forward (inputs cast to fp16, int8 matmul) vs a dequantized fp32 weight.
 INT8_COMPUTE = 2e-2
+
+# Several processes vs one on the same global batch (fp32): the same sums in another order.
+DIST_LOSS_REL = 1e-5
+# Resuming a sharded checkpoint on another number of processes (resharded optimizer state).
+DIST_RESUME_OTHER_WORLD = 1e-6

@@ -1,0 +1,118 @@
+"""What the multi-process tests run: tiny models, toy data, and the training loop the trainer will run.
+
+``train`` drives the strategy interface exactly as the trainer will (phase 2): rank
+windows from the global order, placeholders at weight 0, the global target count
+all-reduced before backward, token-weighted micro-batch losses, one optimizer step.
+``run_case`` is one rank's whole job (train, checkpoint, save); the tests compare
+rank 0's result with the same loop run by one process on the same global batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from _tiny import VOCAB, tiny_llama
+from _train_data import ToyCls, ToyLM
+
+from tunekit.adapters import BottleneckConfig, LoRAConfig, PrefixConfig, inject_adapters
+from tunekit.distributed import DistributedOptions, make_strategy
+from tunekit.distributed.data import finite_loss_batch, rank_windows
+from tunekit.train.loss import target_count
+
+ADAPTERS = {
+    "lora": lambda: LoRAConfig(rank=4, alpha=8, init="random"),
+    "dora": lambda: LoRAConfig(rank=4, alpha=8, init="random", use_dora=True),
+    "prefix": lambda: PrefixConfig(num_virtual_tokens=3),
+    "bottleneck": lambda: BottleneckConfig(hidden_size=8, init="random"),
+    "head": lambda: LoRAConfig(rank=4, alpha=8, init="random", modules_to_save=["score"]),
+    "qlora": lambda: LoRAConfig(rank=4, alpha=8, init="random", target_modules="all-linear"),
+}
+QLORA_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}  # bitsandbytes' CPU block is 64
+
+
+def save_qlora_base(folder: Path) -> Path:
+    torch.manual_seed(0)
+    tiny_llama(**QLORA_SHAPE).save_pretrained(folder)
+    return folder
+
+
+def build_model(kind: str, *, base_dir: str | None = None, adapter_seed: int = 0, base_seed: int = 0):
+    """A tiny Llama (a classifier for "head", a 4-bit one from ``base_dir`` for "qlora") with adapter ``kind``."""
+    torch.manual_seed(base_seed)
+    if kind == "qlora":
+        from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=torch.float32)
+    elif kind == "head":
+        from transformers import LlamaConfig, LlamaForSequenceClassification
+
+        model = LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, pad_token_id=0, num_labels=3))
+    else:
+        model = tiny_llama()
+    torch.manual_seed(adapter_seed)
+    inject_adapters(model, ADAPTERS[kind]())
+    return model.train()
+
+
+def toy_data(kind: str, rows: int = 22):
+    return ToyCls(n=rows, n_eval=0) if kind == "head" else ToyLM(n=rows, n_eval=0, max_len=10)
+
+
+def train(strategy, model, data, *, steps: int, batch_size: int, accum: int, lr: float = 1e-2,
+          max_grad_norm: float | None = 1.0, start_step: int = 0, optimizer_state: Any = None) -> dict:
+    """The trainer's step loop on ``strategy``; returns per-step global losses, grad norms and local target counts."""
+    model, optimizer = strategy.prepare(
+        model, lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.05 * s)
+    if optimizer_state is not None:
+        optimizer_state(strategy, scheduler)
+    windows = rank_windows(data.train_order(0, 0), batch_size=batch_size, grad_accum_steps=accum,
+                           dp_size=strategy.dp_size, dp_rank=strategy.dp_rank, start_step=start_step)
+    out = {"losses": [], "grad_norms": [], "local_targets": []}
+    for window in windows[:steps]:
+        batches, counts = [], []
+        for micro in window:
+            batch = data.collate([data.train[i] for i in micro.rows])
+            n = 0 if micro.placeholder else target_count(batch, data.task)
+            batches.append(strategy.to_device(batch if n else finite_loss_batch(batch, data.task)))
+            counts.append(n)
+        total = strategy.all_reduce_sums({"targets": sum(counts)})["targets"]
+        loss_sum = 0.0
+        for i, (batch, n) in enumerate(zip(batches, counts)):
+            with strategy.sync_gradients(i == len(batches) - 1), strategy.autocast():
+                loss = model(**batch).loss
+            strategy.backward(loss, n / total)
+            loss_sum += float(loss.detach()) * n
+        outcome = strategy.optimizer_step(max_grad_norm)
+        if outcome.stepped:
+            scheduler.step()
+        strategy.zero_grad()
+        sums = strategy.all_reduce_sums({"loss_sum": loss_sum, "targets": sum(counts)})
+        out["losses"].append(sums["loss_sum"] / sums["targets"])
+        out["grad_norms"].append(outcome.grad_norm)
+        out["local_targets"].append(sum(counts))
+    out["scheduler"] = scheduler
+    return out
+
+
+def single_process(kind: str, *, steps: int, batch_size: int, accum: int = 1, base_dir: str | None = None,
+                   **train_kw) -> tuple[Any, dict]:
+    """The reference: one process, the same global batch; returns (strategy, results)."""
+    strategy = make_strategy(DistributedOptions())
+    result = train(strategy, build_model(kind, base_dir=base_dir), toy_data(kind), steps=steps,
+                   batch_size=batch_size, accum=accum, **train_kw)
+    return strategy, result
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """``value`` from every rank (rank order)."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out

@@ -1,0 +1,151 @@
+"""Sharded checkpoints: trainable state only, in torch Distributed Checkpoint (DCP) format.
+
+A checkpoint is one folder ``<root>/step-<N>/``::
+
+    state/                    DCP: "model" (trainable parameters) + "optim" (optimizer state),
+                              each rank writing its shards; loads on any number of processes
+                              (DeepSpeed: its own engine checkpoint, frozen parameters excluded)
+    adapter/                  the gathered adapter, as the final save writes it (optional)
+    rng-rank<r>.pt            every rank's RNG states
+    trainer_state.pt          scheduler state and the world size it was saved with
+    config.json, progress.json   as the single-process checkpoint (progress.json last: complete)
+
+The frozen base is never in a checkpoint: it is reloaded from its source (and a
+quantized base never meets DCP). Writing is atomic: every rank writes into
+``.tmp-step-N``, a barrier, then rank 0 renames it into place, then a barrier
+(the folder must be on a file system all ranks share).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunekit.train.checkpoint import PROGRESS, list_checkpoints, rng_state, set_rng_state
+
+STATE = "state"
+
+
+def _frozen_names(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, **kw)
+
+
+def save_dcp(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Write ``model``'s trainable parameters and ``optimizer``'s state to ``folder`` (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options())
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+
+
+def load_dcp(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a ``save_dcp`` folder into ``model`` and ``optimizer``, resharding to this world size.
+
+    Raises:
+        ValueError: the checkpoint lacks a trainable tensor of this model (another adapter
+            config), or loading left a non-frozen parameter unset.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options())
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except Exception as err:  # DCP raises a CheckpointException carrying each rank's traceback
+        missing = next((line for line in str(err).splitlines() if "Missing key" in line), str(err).splitlines()[0])
+        raise ValueError(f"{folder}: cannot load this checkpoint into the model ({missing.strip()}); resume with the "
+                         "same model and adapter config, or set train.resume=never") from None
+    result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                            options=_options(strict=False))
+    unset = sorted(set(result.missing_keys) - _frozen_names(model))
+    if unset or result.unexpected_keys:
+        name = (unset or sorted(result.unexpected_keys))[0]
+        raise ValueError(f"{folder}: loading left trainable parameter {name!r} unset or unknown; "
+                         "the checkpoint was written for another model or adapter config")
+
+
+def checkpoint_keys(folder: str | Path) -> list[str]:
+    """Every tensor key a DCP folder's metadata holds (``model.<param>``, ``optim.state.<param>.<stat>``, ...)."""
+    import torch.distributed.checkpoint as dcp
+
+    return sorted(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def save_sharded_checkpoint(
+    root: str | Path, step: int, *, strategy: Any, scheduler: Any, progress: dict, config: dict,
+    keep_last: int | None, write_adapter: Any = None,
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` from every rank, atomically; return its folder.
+
+    ``write_adapter(folder)`` (collective, optional) adds the gathered adapter.
+    """
+    root = Path(root)
+    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    rank, world = _rank_and_world()
+    if strategy.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    strategy.barrier()
+    strategy.save_state(tmp / STATE)
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if write_adapter is not None:
+        write_adapter(tmp / "adapter")
+    strategy.barrier()
+    if strategy.is_main:
+        torch.save({"scheduler": scheduler.state_dict(), "world_size": world}, tmp / "trainer_state.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / PROGRESS).write_text(json.dumps(progress, indent=2) + "\n", encoding="utf-8")
+        _swap_into_place(tmp, final, root)
+        if keep_last is not None:
+            for stale in list_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(stale)
+    strategy.barrier()
+    return final
+
+
+def _swap_into_place(tmp: Path, final: Path, root: Path) -> None:
+    if final.exists():  # re-saving a step (a resumed run that stopped at once): swap, then drop
+        old = root / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def load_sharded_checkpoint(folder: str | Path, *, strategy: Any, scheduler: Any) -> dict:
+    """Restore trainable state, optimizer, scheduler and this rank's RNG; return the progress record.
+
+    On another world size than the checkpoint's, rank ``r`` takes the RNG of saved rank
+    ``r % saved_world`` (dropout streams then differ from an uninterrupted run).
+    """
+    folder = Path(folder)
+    strategy.load_state(folder / STATE)
+    trainer_state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    rank, _ = _rank_and_world()
+    saved_rank = rank % int(trainer_state["world_size"])
+    set_rng_state(torch.load(folder / f"rng-rank{saved_rank}.pt", weights_only=True))
+    return json.loads((folder / PROGRESS).read_text(encoding="utf-8"))
