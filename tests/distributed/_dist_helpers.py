@@ -62,19 +62,32 @@ def build_model(kind: str, *, base_dir: str | None = None, adapter_seed: int = 0
 
 
 def toy_data(kind: str, rows: int = 22):
+    """Rows of varied length and prompt masking: ranks get uneven numbers of targets."""
     return ToyCls(n=rows, n_eval=0) if kind == "head" else ToyLM(n=rows, n_eval=0, max_len=10)
 
 
 def train(strategy, model, data, *, steps: int, batch_size: int, accum: int, lr: float = 1e-2,
-          max_grad_norm: float | None = 1.0, start_step: int = 0, optimizer_state: Any = None) -> dict:
-    """The trainer's step loop on ``strategy``; returns per-step global losses, grad norms and local target counts."""
+          max_grad_norm: float | None = 1.0, resume_from: str | None = None) -> dict:
+    """The trainer's step loop on ``strategy``; returns per-step global losses, grad norms and local target counts.
+
+    ``resume_from``: a sharded checkpoint folder; training goes on from its data position.
+    Also returns ``probe_logits``: the prepared model's logits on the first two rows, before any step.
+    """
+    from tunekit.distributed.checkpoint import load_sharded_checkpoint
+    from tunekit.distributed.data import resume_step
+
     model, optimizer = strategy.prepare(
         model, lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.05 * s)
-    if optimizer_state is not None:
-        optimizer_state(strategy, scheduler)
+    with torch.no_grad():  # train mode: bitsandbytes' CPU 4-bit path stays on its exact fp32 dequantize
+        probe = model(**strategy.to_device(data.collate([data.train[0], data.train[1]]))).logits.cpu()
+    global_batch = batch_size * accum * strategy.dp_size
+    start = 0
+    if resume_from is not None:
+        progress = load_sharded_checkpoint(resume_from, strategy=strategy, scheduler=scheduler)
+        start = resume_step(progress["samples_in_epoch"], global_batch)
     windows = rank_windows(data.train_order(0, 0), batch_size=batch_size, grad_accum_steps=accum,
-                           dp_size=strategy.dp_size, dp_rank=strategy.dp_rank, start_step=start_step)
+                           dp_size=strategy.dp_size, dp_rank=strategy.dp_rank, start_step=start)
     out = {"losses": [], "grad_norms": [], "local_targets": []}
     for window in windows[:steps]:
         batches, counts = [], []
@@ -99,14 +112,20 @@ def train(strategy, model, data, *, steps: int, batch_size: int, accum: int, lr:
         out["grad_norms"].append(outcome.grad_norm)
         out["local_targets"].append(sum(counts))
     out["scheduler"] = scheduler
+    out["probe_logits"] = probe
+    out["samples_in_epoch"] = (start + len(out["losses"])) * global_batch
     return out
 
 
 def single_process(kind: str, *, steps: int, batch_size: int, accum: int = 1, base_dir: str | None = None,
-                   **train_kw) -> tuple[Any, dict]:
-    """The reference: one process, the same global batch; returns (strategy, results)."""
+                   rows: int = 22, **train_kw) -> tuple[Any, dict]:
+    """The reference: one process on the same global batch; returns (strategy, results).
+
+    N ranks of batch B x accum A run the forwards one process runs with batch B x accum N*A
+    (the same rows in each forward, so even padding-dependent rounding agrees).
+    """
     strategy = make_strategy(DistributedOptions())
-    result = train(strategy, build_model(kind, base_dir=base_dir), toy_data(kind), steps=steps,
+    result = train(strategy, build_model(kind, base_dir=base_dir), toy_data(kind, rows), steps=steps,
                    batch_size=batch_size, accum=accum, **train_kw)
     return strategy, result
 
@@ -116,3 +135,75 @@ def gather_objects(value: Any) -> list[Any]:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def local_sizes(model) -> dict[str, tuple[int, tuple, str, bool]]:
+    """Parameter name -> (local elements, global shape, dtype, trainable) on this rank."""
+    out = {}
+    for name, p in model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        out[name] = (local.numel(), tuple(p.shape), str(p.dtype), p.requires_grad)
+    return out
+
+
+def run_case(case: dict) -> dict:
+    """One rank's job: train ``case["steps"]`` steps, save the adapter, write a checkpoint; rank 0's result returns."""
+    from tunekit.distributed.adapter_save import save_gathered_adapter
+    from tunekit.distributed.checkpoint import save_sharded_checkpoint
+
+    options = DistributedOptions(strategy=case["strategy"], cpu_offload=case.get("cpu_offload", False),
+                                 micro_batch_size=case["batch_size"], deepspeed_config=case.get("ds_config"))
+    strategy = make_strategy(options)
+    out = Path(case["out"])
+    model = build_model(case["kind"], base_dir=case.get("base_dir"))
+    result = train(strategy, model, toy_data(case["kind"], case.get("rows", 22)), steps=case["steps"],
+                   batch_size=case["batch_size"], accum=case["accum"], resume_from=case.get("resume_from"))
+    before = _ds_gather_bytes()
+    save = save_gathered_adapter(strategy, out / "adapter")
+    result["gathered_bytes"] = save.gathered_bytes
+    result["adapter_bytes"] = save.adapter_bytes
+    result["ds_logged_gather_bytes"] = _ds_gather_bytes() - before
+    result["checkpoint"] = str(save_sharded_checkpoint(
+        out / "checkpoints", case["steps"], strategy=strategy, scheduler=result.pop("scheduler"),
+        progress={"samples_in_epoch": result.pop("samples_in_epoch")}, config={}, keep_last=None))
+    result["targets"] = gather_objects(result.pop("local_targets"))
+    if case["strategy"] == "fsdp":
+        result["local_sizes"] = gather_objects(local_sizes(strategy.model))
+    result["refused"] = _save_of_shards_is_refused(strategy, out / "refused")
+    strategy.close()
+    return result
+
+
+def _ds_gather_bytes() -> int:
+    """All-gathered bytes DeepSpeed's own comms logger recorded so far (0 without DeepSpeed or the logger)."""
+    import sys
+
+    comm = sys.modules.get("deepspeed.comm.comm")
+    logger = getattr(comm, "comms_logger", None)
+    if logger is None:
+        return 0
+    return sum(size * record[0] for name, sizes in logger.comms_dict.items() if "all_gather" in name
+               for size, record in sizes.items())
+
+
+def _save_of_shards_is_refused(strategy, folder: Path) -> str | None:
+    """Save the adapter from this rank's *local* tensors (the classic ZeRO-3 bug): the error message, or None."""
+    from tunekit.distributed.adapter_save import save_gathered_adapter
+    from tunekit.distributed.strategy import Gathered
+
+    def local_view():
+        tensors = {}
+        for name, p in strategy.model.named_parameters():
+            if p.requires_grad:
+                local = p.to_local() if hasattr(p, "to_local") else p.detach()
+                tensors[name] = local.detach().cpu().clone()
+        return Gathered(tensors)
+
+    strategy.gather_trainable = local_view
+    try:
+        save_gathered_adapter(strategy, folder)
+    except ValueError as err:
+        return None if folder.exists() else str(err)
+    finally:
+        del strategy.gather_trainable
+    return None

@@ -1,6 +1,6 @@
 """The final adapter of a sharded run: gathered, checked, written once in the single-process format.
 
-    every rank:  gathered = strategy.gathered_trainable()     only trainable tensors travel
+    every rank:  gathered = strategy.gather_trainable()       only trainable tensors travel
                  check_adapter_tensors(gathered, shapes)       the same verdict on every rank
     rank 0:      the gathered tensors take the place of the shards for a moment,
                  save_adapters(model, tmp) writes what one process would, tmp -> out
@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunekit.distributed.comm_count import GatheredBytes
 from tunekit.distributed.strategy import Strategy, no_forward_hooks
 from tunekit.distributed.validate import check_adapter_tensors
 
@@ -65,8 +64,8 @@ def save_gathered_adapter(strategy: Strategy, out_dir: str | Path) -> AdapterSav
     from tunekit.adapters import save_adapters
 
     out = Path(out_dir)
-    with GatheredBytes() as counted:
-        gathered = strategy.gathered_trainable()
+    result = strategy.gather_trainable()
+    gathered = result.tensors
     check_adapter_tensors(gathered, strategy.trainable_shapes)
     if strategy.is_main:
         tmp = out.with_name(f".tmp-{out.name}")
@@ -77,4 +76,4 @@ def save_gathered_adapter(strategy: Strategy, out_dir: str | Path) -> AdapterSav
         tmp.rename(out)
     strategy.barrier()
     adapter_bytes = sum(t.numel() * t.element_size() for t in gathered.values())
-    return AdapterSave(out, counted.bytes, adapter_bytes)
+    return AdapterSave(out, result.bytes_received, adapter_bytes)

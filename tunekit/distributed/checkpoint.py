@@ -35,6 +35,12 @@ def _frozen_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if not p.requires_grad}
 
 
+def _single() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized())
+
+
 def _options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -47,7 +53,7 @@ def save_dcp(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimi
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer, options=_options())
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder), no_dist=_single())
 
 
 def load_dcp(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -63,7 +69,7 @@ def load_dcp(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimi
     model_state, optim_state = get_state_dict(model, optimizer, options=_options())
     state = {"model": model_state, "optim": optim_state}
     try:
-        dcp.load(state, checkpoint_id=str(folder))
+        dcp.load(state, checkpoint_id=str(folder), no_dist=_single())
     except Exception as err:  # DCP raises a CheckpointException carrying each rank's traceback
         missing = next((line for line in str(err).splitlines() if "Missing key" in line), str(err).splitlines()[0])
         raise ValueError(f"{folder}: cannot load this checkpoint into the model ({missing.strip()}); resume with the "

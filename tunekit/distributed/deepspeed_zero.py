@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tunekit.distributed.options import DistributedOptions
-from tunekit.distributed.strategy import OptimizerFactory, StepOutcome, Strategy
+from tunekit.distributed.strategy import Gathered, OptimizerFactory, StepOutcome, Strategy
 
 INSTALL_HINT = "pip install 'tunekit[deepspeed]'"
 # What tunekit's loop relies on; a user's file may leave them out, not contradict them.
@@ -159,11 +159,16 @@ class DeepSpeedStrategy(Strategy):
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def gathered_trainable(self) -> dict[str, torch.Tensor]:
+    def gather_trainable(self) -> Gathered:
         deepspeed = import_deepspeed(self.device)
         named = self._trainable()
+        # Parameters under stage3_param_persistence_threshold are kept whole on every rank: nothing to gather.
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        partitioned = [p for _, p in named if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        received = sum(p.ds_tensor.numel() * p.element_size() * self.runtime.world_size for p in partitioned)
         with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {n: p.detach().to("cpu").clone() for n, p in named}
+            return Gathered({n: p.detach().to("cpu").clone() for n, p in named}, received)
 
     def snapshot_trainable(self) -> dict[str, torch.Tensor]:
         return {n: p.ds_tensor.detach().clone() for n, p in self._trainable()}

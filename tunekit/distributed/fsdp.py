@@ -26,7 +26,7 @@ import contextlib
 import torch
 from torch import nn
 
-from tunekit.distributed.strategy import OptimizerFactory, Strategy
+from tunekit.distributed.strategy import Gathered, OptimizerFactory, Strategy
 
 
 def _final_norm(model: nn.Module, claimed: set[int]) -> list[nn.Module]:
@@ -96,10 +96,13 @@ class FSDPStrategy(Strategy):
         self.model.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
 
-    def gathered_trainable(self) -> dict[str, torch.Tensor]:
+    def gather_trainable(self) -> Gathered:
+        from tunekit.distributed.comm_count import GatheredBytes
+
         out = {}
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                # An offloaded shard lives on the CPU: NCCL gathers from the device.
-                out[name] = p.detach().to(self.device).full_tensor().to("cpu")
-        return out
+        with GatheredBytes() as counted:
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    # An offloaded shard lives on the CPU: NCCL gathers from the device.
+                    out[name] = p.detach().to(self.device).full_tensor().to("cpu")
+        return Gathered(out, counted.bytes)

@@ -37,6 +37,14 @@ OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
 @dataclass(frozen=True)
+class Gathered:
+    """Trainable tensors at their global shapes (CPU), and the bytes this rank received to assemble them."""
+
+    tensors: dict[str, torch.Tensor]
+    bytes_received: int = 0
+
+
+@dataclass(frozen=True)
 class StepOutcome:
     """What ``optimizer_step`` did: the global gradient norm (before clipping) and whether it stepped."""
 
@@ -170,9 +178,9 @@ class Strategy:
             dist.barrier()
 
     # ------------------------------------------------------------------ state
-    def gathered_trainable(self) -> dict[str, torch.Tensor]:  # per strategy
-        """Every trainable tensor at its global shape, on the CPU, on every rank (collective)."""
-        return {n: p.detach().to("cpu").clone() for n, p in self.model.named_parameters() if p.requires_grad}
+    def gather_trainable(self) -> Gathered:  # per strategy
+        """Every trainable tensor at its global shape, on the CPU, on every rank (collective; frozen ones never travel)."""
+        return Gathered({n: p.detach().to("cpu").clone() for n, p in self.model.named_parameters() if p.requires_grad})
 
     def snapshot_trainable(self) -> dict[str, torch.Tensor]:
         """A copy of this rank's trainable tensors as they are held (shards stay shards); no communication."""
