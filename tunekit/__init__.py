@@ -18,6 +18,8 @@ _LAZY = {
     "build_dataset": "tunekit.data",
     "Trainer": "tunekit.train",
     "apply_kernels": "tunekit.models.kernels",
+    "launch": "tunekit.distributed.launch",
+    "DistributedError": "tunekit.distributed.failures",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -207,3 +207,55 @@ def _save_of_shards_is_refused(strategy, folder: Path) -> str | None:
     finally:
         del strategy.gather_trainable
     return None
+
+
+# ---------------------------------------------------------------- workers for the launch tests
+
+def greet(prefix: str) -> str:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    print(f"{prefix} from rank {rank}")
+    dist.barrier()
+    return f"{prefix} {rank} of {dist.get_world_size()}"
+
+
+def fail_on_rank_one() -> None:
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 1:
+        raise ValueError("data.train_files is empty on this node")
+    dist.barrier()  # rank 0 waits here for a rank that is gone: "connection closed", a consequence
+
+
+def train_then(fate: str, timeout_s: float = 300.0) -> None:
+    """One FSDP step on 2 ranks, then rank 1 is SIGKILLed ("kill") or hangs ("hang") while rank 0 trains on."""
+    import os
+    import signal
+    import time
+
+    strategy = make_strategy(DistributedOptions(strategy="fsdp", timeout_s=timeout_s))
+    model = build_model("lora")
+    data = toy_data("lora")
+    train(strategy, model, data, steps=1, batch_size=2, accum=1)
+    if strategy.runtime.rank == 1:
+        if fate == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(3600)
+    strategy.barrier()
+
+
+def cli_main(argv: list[str]) -> int:
+    """A CLI-shaped entry point: rank 1 prints a one-line error and returns 2, like tunekit's CLI."""
+    import sys
+
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 1:
+        print(f"error: {argv[0]} is not a config file", file=sys.stderr)
+        return 2
+    dist.barrier()
+    return 0
+
+
+def sleep_forever() -> None:
+    import time
+
+    time.sleep(3600)

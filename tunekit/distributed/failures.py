@@ -66,7 +66,8 @@ def is_peer_failure(error: BaseException | str) -> bool:
     """True for the errors a rank gets when *another* rank died or hung."""
     if isinstance(error, BaseException):
         names = {cls.__name__ for cls in type(error).__mro__}
-        if names & {"DistBackendError", "DistNetworkError", "DistStoreError"}:
+        # a rank stopped by the launcher (SIGTERM/SIGINT) is a consequence too
+        if names & {"DistBackendError", "DistNetworkError", "DistStoreError", "SignalException", "KeyboardInterrupt"}:
             return True
         error = str(error)
     return bool(_PEER.search(error))

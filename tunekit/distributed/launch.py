@@ -17,6 +17,7 @@ stops every worker on Ctrl-C, and turns a failure into one
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -61,6 +62,10 @@ def _threads_per_worker(nproc: int) -> int:
 
 def _worker(fn: Callable, failure_dir: str, threads: int, *args: Any) -> Any:
     """What each process runs: ``fn(*args)``, recording (not printing) a failure's traceback."""
+    # A forked worker inherits the agent's signal handlers (they raise in the worker); a worker
+    # the launcher stops should just stop, as a spawned one does.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(line_buffering=True)  # lines reach the log (and the notebook) as they are written
@@ -123,6 +128,20 @@ def _kept_signal_handlers() -> Iterator[None]:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _real_std_streams() -> Iterator[None]:
+    # Forked workers redirect their stdout/stderr by file descriptor; a notebook's (or pytest's)
+    # sys.stdout has none. The workers inherit the process's real streams; the log streamer
+    # still writes to the caller's.
+    saved = sys.stdout, sys.stderr
+    sys.stdout = sys.__stdout__ or open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - restored below
+    sys.stderr = sys.__stderr__ or sys.stdout
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 @contextlib.contextmanager
@@ -210,17 +229,25 @@ def launch(config_or_fn: Any, *args: Any, nproc: int, overrides: list[str] = (),
     streamer = LogStreamer(logs, sys.stdout.write, rank_offset=(node_rank or 0) * nproc) if echo else None
     if streamer is not None:
         streamer.start()
+    gc.collect()  # an earlier job's agent (its rendezvous store runs C++ threads) must be gone before we fork
+    codes: dict[int, int] | None = None
+    stopped_by: int | None = None
     try:
-        with _kept_signal_handlers(), _quiet_agent(), _env({FAILURE_DIR_ENV: str(failure_dir)}):
+        with _kept_signal_handlers(), _quiet_agent(), _real_std_streams(), _env({FAILURE_DIR_ENV: str(failure_dir)}):
             results = elastic_launch(config, _worker)(fn, str(failure_dir), _threads_per_worker(nproc), *fn_args)
     except ChildFailedError as err:
         codes = {rank: failure.exitcode for rank, failure in err.failures.items()}
-        raise _failure(codes, failure_dir, run_dir, range(nproc) if nnodes == 1 else None) from None
     except SignalException as err:
-        raise KeyboardInterrupt(f"stopped by {signal.Signals(err.sigval).name}; every worker was stopped") from None
+        stopped_by = err.sigval
     finally:
         if streamer is not None:
             streamer.stop()
+    # Raised outside the except blocks: the launcher's exception (and through its traceback the
+    # agent and its store) is not kept alive as the new error's __context__.
+    if codes is not None:
+        raise _failure(codes, failure_dir, run_dir, range(nproc) if nnodes == 1 else None)
+    if stopped_by is not None:
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(stopped_by).name}; every worker was stopped")
     return results.get(0) if 0 in results else next(iter(results.values()), None)
 
 
@@ -245,8 +272,9 @@ def _quiet_agent() -> Iterator[None]:
 
 
 def launch_command(argv: list[str], *, nproc: int, nnodes: int = 1, node_rank: int | None = None,
-                   rdzv_endpoint: str | None = None, log_dir: str | Path | None = None) -> int:
-    """What ``tunekit finetune CONFIG --nproc N`` runs: ``python -m tunekit.distributed.worker tunekit.cli:main argv``.
+                   rdzv_endpoint: str | None = None, log_dir: str | Path | None = None,
+                   target: str = "tunekit.cli:main") -> int:
+    """What ``tunekit finetune CONFIG --nproc N`` runs: ``python -m tunekit.distributed.worker TARGET argv`` per rank.
 
     Workers print straight to this terminal. Returns 0, or 1 after printing the first
     failing rank's one-line error (``tunekit: rank R failed: ...``).
@@ -259,7 +287,7 @@ def launch_command(argv: list[str], *, nproc: int, nnodes: int = 1, node_rank: i
     run_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="tunekit-launch-"))
     failure_dir = run_dir / "failures"
     config = _launch_config(nproc, nnodes, node_rank, rdzv_endpoint, "spawn", DefaultLogsSpecs(log_dir=str(run_dir / "logs")))
-    entry = [sys.executable, "-m", "tunekit.distributed.worker", "tunekit.cli:main", *argv]
+    entry = [sys.executable, "-m", "tunekit.distributed.worker", target, *argv]
     try:
         with _quiet_agent(), _env({FAILURE_DIR_ENV: str(failure_dir)}):
             elastic_launch(config, entry[0])(*entry[1:])
