@@ -29,6 +29,7 @@ ADAPTERS = {
     "bottleneck": lambda: BottleneckConfig(hidden_size=8, init="random"),
     "head": lambda: LoRAConfig(rank=4, alpha=8, init="random", modules_to_save=["score"]),
     "qlora": lambda: LoRAConfig(rank=4, alpha=8, init="random", target_modules="all-linear"),
+    "lora_bf16_base": lambda: LoRAConfig(rank=4, alpha=8, init="random"),
 }
 QLORA_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}  # bitsandbytes' CPU block is 64
 
@@ -56,6 +57,8 @@ def build_model(kind: str, *, base_dir: str | None = None, adapter_seed: int = 0
             num_key_value_heads=2, pad_token_id=0, num_labels=3))
     else:
         model = tiny_llama()
+    if kind == "lora_bf16_base":
+        model.to(torch.bfloat16)  # the adapters beside it are created in fp32
     torch.manual_seed(adapter_seed)
     inject_adapters(model, ADAPTERS[kind]())
     return model.train()
@@ -152,7 +155,9 @@ def run_case(case: dict) -> dict:
     from tunekit.distributed.checkpoint import save_sharded_checkpoint
 
     options = DistributedOptions(strategy=case["strategy"], cpu_offload=case.get("cpu_offload", False),
-                                 micro_batch_size=case["batch_size"], deepspeed_config=case.get("ds_config"))
+                                 micro_batch_size=case["batch_size"], deepspeed_config=case.get("ds_config"),
+                                 gradient_checkpointing=case.get("gradient_checkpointing", False),
+                                 reshard_after_forward=case.get("reshard_after_forward", True))
     strategy = make_strategy(options)
     out = Path(case["out"])
     model = build_model(case["kind"], base_dir=case.get("base_dir"))
@@ -259,3 +264,24 @@ def sleep_forever() -> None:
     import time
 
     time.sleep(3600)
+
+
+def replicas(mode: str) -> dict:
+    """Ranks build adapters from different seeds ("adapters") or different bases ("base"), then prepare for FSDP."""
+    strategy = make_strategy(DistributedOptions(strategy="fsdp"))
+    rank = strategy.runtime.rank
+    model = build_model("lora", adapter_seed=rank, base_seed=rank if mode == "base" else 0)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    before = gather_objects(trainable)
+    strategy.prepare(model, lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1))
+    # The shards hold rank 0's adapters on every rank: gathered, they are rank 0's tensors exactly.
+    gathered = strategy.gather_trainable().tensors
+    checksums = gather_objects(parameter_checksums_of(gathered))
+    strategy.close()
+    return {"before_differ": any(not before[0][n].equal(before[1][n]) for n in before[0]),
+            "equal_to_rank0": all(gathered[n].equal(before[0][n]) for n in gathered),
+            "checksums_agree": checksums[0].equal(checksums[1])}
+
+
+def parameter_checksums_of(tensors: dict) -> torch.Tensor:
+    return torch.stack([torch.stack([t.double().sum(), (t.double() ** 2).sum()]) for _, t in sorted(tensors.items())])

@@ -2,7 +2,8 @@
 
 DoRA (its weight norm reads the gathered base weight), prefix tuning (its encoder lives in
 the root unit and is folded at export), a serial bottleneck, a classifier whose new head
-trains in full (``modules_to_save``), and LoRA on a bitsandbytes nf4 base.
+trains in full (``modules_to_save``), fp32 LoRA beside a bf16 base in the same units, and
+LoRA on a bitsandbytes nf4 base.
 """
 
 from __future__ import annotations
@@ -47,11 +48,15 @@ def _assert_matches(result, reference, tmp_path):
         assert ours[key].shape == theirs[key].shape and (ours[key] - theirs[key]).abs().max() <= FP32_EXACT, key
 
 
-@pytest.mark.parametrize("kind", ["dora", "prefix", "bottleneck", "head"])
+@pytest.mark.parametrize("kind", ["dora", "prefix", "bottleneck", "head", "lora_bf16_base"])
 def test_adapter_method_under_fsdp_equals_one_process(kind, tmp_path):
     result, reference = _run(kind, tmp_path)
     _assert_matches(result, reference, tmp_path)
     assert "has shape" in result["refused"]
+    if kind == "lora_bf16_base":  # no mixed-precision policy cast the fp32 adapters to the base's bf16
+        sizes = result["local_sizes"][0]
+        assert {d for _, _, d, trainable in sizes.values() if trainable} == {"torch.float32"}
+        assert {d for _, _, d, trainable in sizes.values() if not trainable} == {"torch.bfloat16"}
 
 
 def test_qlora_under_fsdp_shards_every_frozen_weight_and_equals_one_process(qlora_base, tmp_path):

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _dist_helpers import build_model, run_case, single_process
+from _dist_helpers import build_model, replicas, run_case, single_process
 from _tolerances import DIST_LOSS_REL, FP32_EXACT
 from safetensors.torch import load_file
 
+import tunekit
 from tunekit.adapters import save_adapters
 from tunekit.distributed.checkpoint import checkpoint_keys
 from tunekit.distributed.launch import launch
@@ -28,6 +29,8 @@ CASES = {
     "ddp": {"strategy": "ddp"},
     "fsdp": {"strategy": "fsdp"},
     "fsdp_offload": {"strategy": "fsdp", "cpu_offload": True},
+    # ZeRO-2-like (layers stay gathered to backward), each layer recomputed in backward
+    "fsdp_zero2_checkpointing": {"strategy": "fsdp", "reshard_after_forward": False, "gradient_checkpointing": True},
     "deepspeed": {"strategy": "deepspeed"},
     "deepspeed_offload": {"strategy": "deepspeed", "cpu_offload": True},
 }
@@ -96,3 +99,10 @@ def test_lora_on_two_processes_equals_one_process(name, reference, tmp_path):
         counted = result["ds_logged_gather_bytes"] if case["strategy"] == "deepspeed" else result["gathered_bytes"]
         assert 0 < counted <= 2 * adapter, (counted, adapter)
         assert "has shape" in result["refused"]  # a shard where the gathered tensor belongs
+
+
+def test_adapters_start_identical_on_every_rank_and_a_differing_base_is_refused():
+    result = launch(replicas, "adapters", nproc=2, echo=False)
+    assert result == {"before_differ": True, "equal_to_rank0": True, "checksums_agree": True}
+    with pytest.raises(tunekit.DistributedError, match="differs between rank 0 and rank 1"):
+        launch(replicas, "base", nproc=2, echo=False)
