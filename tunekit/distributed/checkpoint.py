@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,9 @@ def load_dcp(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimi
     model_state, optim_state = get_state_dict(model, optimizer, options=_options())
     state = {"model": model_state, "optim": optim_state}
     try:
-        dcp.load(state, checkpoint_id=str(folder), no_dist=_single())
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended (2 -> 1 resume)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(state, checkpoint_id=str(folder), no_dist=_single())
     except Exception as err:  # DCP raises a CheckpointException carrying each rank's traceback
         missing = next((line for line in str(err).splitlines() if "Missing key" in line), str(err).splitlines()[0])
         raise ValueError(f"{folder}: cannot load this checkpoint into the model ({missing.strip()}); resume with the "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -138,6 +139,8 @@ class DeepSpeedStrategy(Strategy):
 
     def _wrap(self, model: nn.Module, build_optimizer: OptimizerFactory):
         deepspeed = import_deepspeed(self.device)
+        # DeepSpeed 0.19 calls torch.distributed functions torch 2.13 deprecated, once per collective.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         optimizer = build_optimizer(model)
         self.config = deepspeed_config(self.options, self.runtime.world_size)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config, dist_init_required=False)
