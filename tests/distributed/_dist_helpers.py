@@ -285,3 +285,7 @@ def replicas(mode: str) -> dict:
 
 def parameter_checksums_of(tensors: dict) -> torch.Tensor:
     return torch.stack([torch.stack([t.double().sum(), (t.double() ** 2).sum()]) for _, t in sorted(tensors.items())])
+
+
+def strategy_none_under_a_launcher() -> None:
+    make_strategy(DistributedOptions(strategy="none"))

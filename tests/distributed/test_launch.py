@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _dist_helpers import cli_main, fail_on_rank_one, greet, sleep_forever, train_then
+from _dist_helpers import cli_main, fail_on_rank_one, greet, sleep_forever, strategy_none_under_a_launcher, train_then
 
 import tunekit
 from tunekit.distributed.launch import launch_command
@@ -32,6 +32,11 @@ def test_failing_worker_raises_one_distributed_error_naming_it():
     assert info.value.rank == 1
     assert info.value.message == "ValueError: data.train_files is empty on this node"
     assert (Path(info.value.log_dir) / "failures" / "rank-1.traceback.txt").read_text(encoding="utf-8").strip()
+
+
+def test_strategy_none_under_a_launcher_is_refused_on_every_rank():
+    with pytest.raises(tunekit.DistributedError, match="distributed.strategy is none: every process would train"):
+        tunekit.launch(strategy_none_under_a_launcher, nproc=2, echo=False)
 
 
 @pytest.mark.slow

@@ -151,7 +151,10 @@ class DeepSpeedStrategy(Strategy):
         self.engine.backward(loss * (weight * self.grad_average_factor))
 
     def optimizer_step(self, max_grad_norm: float | None) -> StepOutcome:
-        # DeepSpeed clips inside step with its config's gradient_clipping (max_grad_norm at set-up).
+        # DeepSpeed clips inside its step, with the gradient_clipping its config was built with.
+        if (max_grad_norm or 0.0) != self.config.get("gradient_clipping", 0.0):
+            raise ValueError(f"max_grad_norm={max_grad_norm} differs from the DeepSpeed config's gradient_clipping="
+                             f"{self.config.get('gradient_clipping')}; set it through DistributedOptions.max_grad_norm")
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return StepOutcome(float(norm) if norm is not None else 0.0, True)

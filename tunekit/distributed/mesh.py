@@ -14,6 +14,7 @@ how data is split. NCCL on GPUs (one device per local rank), gloo on CPUs.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -138,8 +139,6 @@ def start_runtime(options: DistributedOptions, env: DistEnv | None = None) -> Ru
 
 def _export_env(env: DistEnv) -> None:
     # SLURM jobs have no torch variables yet; env:// (and DeepSpeed, later) read them.
-    import os
-
     for key, value in (("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port), ("RANK", env.rank),
                        ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
                        ("LOCAL_WORLD_SIZE", env.local_world_size)):

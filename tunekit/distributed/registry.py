@@ -27,4 +27,8 @@ def _strategy_class(name: str) -> type[Strategy]:
 def make_strategy(options: DistributedOptions, runtime: Runtime | None = None) -> Strategy:
     """The strategy ``options.strategy`` names, joined to the job (``runtime`` default: from the environment)."""
     runtime = runtime or start_runtime(options)
+    if options.strategy == "none" and runtime.world_size > 1:
+        raise ValueError(f"this process is rank {runtime.rank} of {runtime.world_size} but distributed.strategy is "
+                         "none: every process would train the same rows on its own; set distributed.strategy: ddp "
+                         "or fsdp")
     return _strategy_class(options.strategy)(options, runtime)
