@@ -13,8 +13,11 @@ from tunekit.distributed.options import DistributedOptions
 INSTALL_DEEPSPEED = "pip install 'tunekit[deepspeed]'"
 
 
-def _pair_problem(options: DistributedOptions, adapter_method: str, quantization: str | None) -> str | None:
-    """Why ``adapter_method`` on a ``quantization`` base cannot run under ``options``, or None."""
+def config_problem(options: DistributedOptions, adapter_method: str, quantization: str | None) -> str | None:
+    """Why ``adapter_method`` on a ``quantization`` base cannot run under ``options``, or None.
+
+    Needs no process information, so config validation can call it (one line, or None).
+    """
     strategy = options.strategy
     if quantization and strategy == "deepspeed":
         return (f"model.quantization={quantization!r} cannot run under distributed.strategy=deepspeed: ZeRO-3 "
@@ -72,6 +75,6 @@ def check_before_launch(options: DistributedOptions, *, nproc: int | None = None
     mesh_shape(options, world)  # dp_replicate must divide the world
     if options.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"distributed.strategy=deepspeed needs DeepSpeed, which is not installed: {INSTALL_DEEPSPEED}")
-    problem = _pair_problem(options, adapter_method, quantization)
+    problem = config_problem(options, adapter_method, quantization)
     if problem:
         raise ValueError(problem)
