@@ -23,8 +23,9 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROWS, ACCUM = 50, 2
 
 
-def _case(tmp_path, name: str, steps: int, batch_size: int, resume_from: str | None = None) -> dict:
-    return {"strategy": "fsdp", "kind": "lora", "steps": steps, "batch_size": batch_size, "accum": ACCUM,
+def _case(tmp_path, name: str, steps: int, batch_size: int, resume_from: str | None = None,
+          strategy: str = "fsdp") -> dict:
+    return {"strategy": strategy, "kind": "lora", "steps": steps, "batch_size": batch_size, "accum": ACCUM,
             "rows": ROWS, "out": str(tmp_path / name), "resume_from": resume_from}
 
 
@@ -69,3 +70,13 @@ def _assert_close(losses, expected, adapter, expected_adapter):
     assert sorted(adapter) == sorted(expected_adapter)
     for key, value in expected_adapter.items():
         assert (adapter[key] - value).abs().max().item() <= DIST_RESUME_OTHER_WORLD, key
+
+
+def test_deepspeed_resume_on_the_same_number_of_processes_is_bit_identical(tmp_path):
+    whole = launch(run_case, _case(tmp_path, "whole", 4, 3, strategy="deepspeed"), nproc=2, echo=False)
+    first = launch(run_case, _case(tmp_path, "first", 2, 3, strategy="deepspeed"), nproc=2, echo=False)
+    rest = launch(run_case, _case(tmp_path, "again", 2, 3, first["checkpoint"], strategy="deepspeed"), nproc=2,
+                  echo=False)
+    assert rest["losses"] == whole["losses"][2:]
+    ours, theirs = _adapter(tmp_path / "again"), _adapter(tmp_path / "whole")
+    assert all(ours[k].equal(theirs[k]) for k in theirs)

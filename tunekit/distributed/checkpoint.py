@@ -32,58 +32,75 @@ from tunekit.train.checkpoint import PROGRESS, list_checkpoints, rng_state, set_
 STATE = "state"
 
 
-def _frozen_names(model: nn.Module) -> set[str]:
-    return {n for n, p in model.named_parameters() if not p.requires_grad}
-
-
 def _single() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized())
 
 
-def _options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+def split_keys(model: nn.Module) -> tuple[set[str], set[str]]:
+    """State-dict keys of ``model``'s trainable parameters, and of everything else (frozen weights, buffers).
 
-    return StateDictOptions(ignore_frozen_params=True, **kw)
-
-
-def save_dcp(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Write ``model``'s trainable parameters and ``optimizer``'s state to ``folder`` (collective)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer, options=_options())
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder), no_dist=_single())
+    Found by identity (``keep_vars``), so a module that renames its keys in ``state_dict``
+    (tunekit's ``AdapterLayer`` drops the ``base_layer`` level) is read the way it writes.
+    """
+    trainable, frozen = set(), set()
+    for key, value in model.state_dict(keep_vars=True).items():
+        (trainable if isinstance(value, nn.Parameter) and value.requires_grad else frozen).add(key)
+    return trainable, frozen
 
 
-def load_dcp(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load a ``save_dcp`` folder into ``model`` and ``optimizer``, resharding to this world size.
+def _model_state(model: nn.Module, wrapped: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable part of ``wrapped``'s state dict: local shards (DTensors) or tensors, no communication."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    Raises:
-        ValueError: the checkpoint lacks a trainable tensor of this model (another adapter
-            config), or loading left a non-frozen parameter unset.
+    trainable, _ = split_keys(model)
+    state = get_model_state_dict(wrapped)  # keys as the unwrapped model's (DDP's "module." dropped)
+    missing = sorted(trainable - set(state))
+    if missing:
+        raise ValueError(f"trainable parameter {missing[0]!r} has no state-dict entry; it cannot be checkpointed")
+    return {k: v for k, v in state.items() if k in trainable}
+
+
+def save_dcp(folder: str | Path, model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Write the trainable parameters of ``model`` (as ``wrapped`` holds them) and ``optimizer``'s state (collective).
+
+    Frozen tensors never enter the checkpoint: the state dict is filtered before DCP sees it.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer, options=_options())
-    state = {"model": model_state, "optim": optim_state}
-    try:
-        with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended (2 -> 1 resume)
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            dcp.load(state, checkpoint_id=str(folder), no_dist=_single())
-    except Exception as err:  # DCP raises a CheckpointException carrying each rank's traceback
-        missing = next((line for line in str(err).splitlines() if "Missing key" in line), str(err).splitlines()[0])
-        raise ValueError(f"{folder}: cannot load this checkpoint into the model ({missing.strip()}); resume with the "
-                         "same model and adapter config, or set train.resume=never") from None
-    result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                            options=_options(strict=False))
-    unset = sorted(set(result.missing_keys) - _frozen_names(model))
-    if unset or result.unexpected_keys:
-        name = (unset or sorted(result.unexpected_keys))[0]
-        raise ValueError(f"{folder}: loading left trainable parameter {name!r} unset or unknown; "
-                         "the checkpoint was written for another model or adapter config")
+    state = {"model": _model_state(model, wrapped), "optim": get_optimizer_state_dict(wrapped, optimizer)}
+    dcp.save(state, checkpoint_id=str(folder), no_dist=_single())
+
+
+def load_dcp(folder: str | Path, model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a ``save_dcp`` folder into ``model`` and ``optimizer``, resharding to this world size.
+
+    The parameters are filled in place (DCP reads into the tensors of the state dict);
+    only frozen keys may be absent from the checkpoint, and it may hold no key this model lacks.
+
+    Raises:
+        ValueError: the checkpoint was written for another model or adapter config.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+
+    trainable, frozen = split_keys(model)
+    saved = {k.removeprefix("model.") for k in checkpoint_keys(folder) if k.startswith("model.")}
+    absent, unknown = sorted(trainable - saved), sorted(saved - trainable - frozen)
+    if absent or unknown:
+        what = f"lacks trainable tensor {absent[0]!r}" if absent else f"holds {unknown[0]!r}, unknown to this model"
+        raise ValueError(f"{folder}: the checkpoint {what}; resume with the same model and adapter config, "
+                         "or set train.resume=never")
+    if saved & frozen:
+        raise ValueError(f"{folder}: the checkpoint holds frozen tensor {sorted(saved & frozen)[0]!r}; "
+                         "it was not written by tunekit")
+    state = {"model": _model_state(model, wrapped), "optim": get_optimizer_state_dict(wrapped, optimizer)}
+    with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended (2 -> 1 resume)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=str(folder), no_dist=_single())
+    set_optimizer_state_dict(wrapped, optimizer, state["optim"], options=StateDictOptions(strict=False))
 
 
 def checkpoint_keys(folder: str | Path) -> list[str]:

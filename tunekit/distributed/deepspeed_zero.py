@@ -186,8 +186,23 @@ class DeepSpeedStrategy(Strategy):
         self.engine.optimizer.refresh_fp32_params()  # the optimizer's fp32 partitions follow
 
     def save_state(self, folder) -> None:
-        self.engine.save_checkpoint(str(folder), tag="zero", client_state={}, save_latest=False,
-                                    exclude_frozen_parameters=True)
+        from tunekit.distributed.checkpoint import split_keys
+
+        # exclude_frozen_parameters matches named_parameters() names against state-dict keys, so it
+        # keeps frozen weights whose module renames its keys (AdapterLayer drops "base_layer"); drop
+        # every frozen key, found by identity, from the state dict the engine writes.
+        _, frozen = split_keys(self.model)
+
+        def drop_frozen(module, state_dict, prefix, local_metadata):
+            for key in [k for k in state_dict if k.removeprefix(prefix) in frozen]:
+                del state_dict[key]
+
+        handle = self.model.register_state_dict_post_hook(drop_frozen)
+        try:
+            self.engine.save_checkpoint(str(folder), tag="zero", client_state={}, save_latest=False,
+                                        exclude_frozen_parameters=True)
+        finally:
+            handle.remove()
 
     def load_state(self, folder) -> None:
         folder = Path(folder)

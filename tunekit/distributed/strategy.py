@@ -197,13 +197,13 @@ class Strategy:
         """Write the trainable model state and the optimizer state under ``folder`` (collective)."""
         from tunekit.distributed.checkpoint import save_dcp
 
-        save_dcp(folder, self.wrapped, self.optimizer)
+        save_dcp(folder, self.model, self.wrapped, self.optimizer)
 
     def load_state(self, folder) -> None:  # per strategy
         """Inverse of ``save_state``; only frozen parameters may be absent from the checkpoint."""
         from tunekit.distributed.checkpoint import load_dcp
 
-        load_dcp(folder, self.wrapped, self.optimizer)
+        load_dcp(folder, self.model, self.wrapped, self.optimizer)
 
     def close(self) -> None:
         """Leave the process group; never a collective, so it is safe after another rank failed."""
