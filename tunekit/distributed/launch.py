@@ -81,16 +81,19 @@ def _worker(fn: Callable, failure_dir: str, threads: int, *args: Any) -> Any:
 class LogStreamer(threading.Thread):
     """Copies the workers' stdout/stderr log files to ``write`` line by line, prefixed ``[rank N]``."""
 
-    def __init__(self, root: Path, write: Callable[[str], Any], rank_offset: int = 0) -> None:
+    def __init__(self, root: Path, write: Callable[[str], Any], rank_offset: int = 0, workers: int = 1) -> None:
         super().__init__(daemon=True)
-        self.root, self.write, self.rank_offset = root, write, rank_offset
+        self.root, self.write, self.rank_offset, self.workers = root, write, rank_offset, workers
         self._stop_event = threading.Event()
         self._offsets: dict[Path, int] = {}
         self._partial: dict[Path, str] = {}
 
     def run(self) -> None:
+        # Nothing is written until every worker has opened its log, i.e. has been forked: a fork
+        # while this thread held the caller's stdout lock would leave that lock held in the child.
         while not self._stop_event.wait(0.2):
-            self.pump()
+            if len(list(self.root.glob("*/attempt_*/*/stdout.log"))) >= self.workers:
+                self.pump()
         self.pump(final=True)
 
     def pump(self, final: bool = False) -> None:
@@ -226,7 +229,7 @@ def launch(config_or_fn: Any, *args: Any, nproc: int, overrides: list[str] = (),
     fn, fn_args = _entry_for(config_or_fn, args, list(overrides))
     specs = DefaultLogsSpecs(log_dir=str(logs), redirects=Std.ALL)
     config = _launch_config(nproc, nnodes, node_rank, rdzv_endpoint, start_method or safe_start_method(), specs)
-    streamer = LogStreamer(logs, sys.stdout.write, rank_offset=(node_rank or 0) * nproc) if echo else None
+    streamer = LogStreamer(logs, sys.stdout.write, (node_rank or 0) * nproc, nproc) if echo else None
     if streamer is not None:
         streamer.start()
     gc.collect()  # an earlier job's agent (its rendezvous store runs C++ threads) must be gone before we fork
