@@ -20,6 +20,8 @@ _LAZY = {
     "apply_kernels": "tunekit.models.kernels",
     "push_to_hub": "tunekit.hub",
     "plot_metrics": "tunekit.plot",
+    "launch": "tunekit.distributed.launch",
+    "DistributedError": "tunekit.distributed.failures",
 }
 
 __all__ = ["__version__", *_LAZY]

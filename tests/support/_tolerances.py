@@ -31,3 +31,8 @@ BF16_MERGE = 1e-2
 # autocast: the two round the (B, T, V) logits to bf16 in different orders (measured up to 5.9e-3
 # over 5 seeds; a bf16 ulp of the ~4-magnitude logits is 1.6e-2).
 BF16_AUTOCAST_LOSS = 2e-2
+
+# Several processes vs one on the same global batch (fp32): the same sums in another order.
+DIST_LOSS_REL = 1e-5
+# Resuming a sharded checkpoint on another number of processes (resharded optimizer state).
+DIST_RESUME_OTHER_WORLD = 1e-6

@@ -1,0 +1,80 @@
+"""Refusals before any process starts (or any model loads): one line naming the problem and the fix."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+
+from tunekit.distributed.env import read_env
+from tunekit.distributed.launch import check_process_count
+from tunekit.distributed.mesh import mesh_shape
+from tunekit.distributed.options import DistributedOptions
+
+INSTALL_DEEPSPEED = "pip install 'tunekit[deepspeed]'"
+
+
+def config_problem(options: DistributedOptions, adapter_method: str, quantization: str | None) -> str | None:
+    """Why ``adapter_method`` on a ``quantization`` base cannot run under ``options``, or None.
+
+    Needs no process information, so config validation can call it (one line, or None).
+    """
+    strategy = options.strategy
+    if quantization and strategy == "deepspeed":
+        return (f"model.quantization={quantization!r} cannot run under distributed.strategy=deepspeed: ZeRO-3 "
+                "partitions the packed bitsandbytes weights without their quantization state; use strategy fsdp "
+                "(QLoRA shards there)")
+    if quantization and quantization != "4bit" and strategy == "fsdp":
+        return (f"model.quantization={quantization!r} does not shard under distributed.strategy=fsdp (only 4-bit "
+                "bases do); use 4bit, or strategy ddp")
+    if adapter_method == "prompt" and strategy == "deepspeed":
+        return ("adapter.method=prompt cannot run under distributed.strategy=deepspeed: the prompt is read from its "
+                "embedding outside a forward call, where ZeRO-3 has not gathered it; use strategy fsdp or ddp")
+    if options.mixed_precision == "fp16" and options.sharded:
+        return (f"train.mixed_precision=fp16 is not supported with distributed.strategy={strategy} (no sharded loss "
+                "scaling); use bf16")
+    if options.deepspeed_config is not None and strategy != "deepspeed":
+        return f"distributed.deepspeed_config is for strategy deepspeed, not {strategy!r}; remove it or switch"
+    if strategy == "none" and (options.cpu_offload or not options.reshard_after_forward):
+        return "distributed.cpu_offload / reshard_after_forward need a sharded strategy (fsdp or deepspeed)"
+    return None
+
+
+def check_before_launch(options: DistributedOptions, *, nproc: int | None = None, nnodes: int = 1,
+                        adapter_method: str = "lora", quantization: str | None = None,
+                        environ: Mapping[str, str] | None = None) -> None:
+    """Raise ``ValueError`` if this job cannot work, before anything heavy runs.
+
+    Args:
+        options: the run's distributed options.
+        nproc: processes per node this command will start (``--nproc``), or None when an
+            external launcher already started them (the world size is then read from ``environ``).
+        nnodes: nodes (with ``nproc``).
+        adapter_method, quantization: ``adapter.method`` and ``model.quantization`` (None, "4bit", "8bit").
+
+    Example:
+        >>> check_before_launch(DistributedOptions(strategy="fsdp"), nproc=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: distributed.strategy=fsdp shards the model over processes but this run has 1; start several (tunekit finetune --nproc N, tunekit.launch(..., nproc=N)) or use strategy none
+    """
+    env = read_env(environ)
+    external = nproc is None
+    world = env.world_size if external else nproc * nnodes
+    if external and env.is_multi_process and options.strategy == "none":
+        raise ValueError(f"this process is rank {env.rank} of {env.world_size} (started by {env.launcher}) but "
+                         "distributed.strategy is none: every process would train the same rows on its own; set "
+                         "distributed.strategy: ddp or fsdp")
+    if not external and world > 1 and options.strategy == "none":
+        raise ValueError(f"--nproc {nproc} needs a multi-process strategy: set distributed.strategy: ddp, fsdp or "
+                         "deepspeed")
+    if options.sharded and world == 1:
+        raise ValueError(f"distributed.strategy={options.strategy} shards the model over processes but this run has 1; "
+                         "start several (tunekit finetune --nproc N, tunekit.launch(..., nproc=N)) or use strategy none")
+    if not external:
+        check_process_count(nproc)
+    mesh_shape(options, world)  # dp_replicate must divide the world
+    if options.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(f"distributed.strategy=deepspeed needs DeepSpeed, which is not installed: {INSTALL_DEEPSPEED}")
+    problem = config_problem(options, adapter_method, quantization)
+    if problem:
+        raise ValueError(problem)
