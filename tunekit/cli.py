@@ -82,6 +82,7 @@ def _estimate_parser(sub, common) -> None:
     p.add_argument("--virtual-tokens", type=int, help="prefix / prompt length (default 20)")
     p.add_argument("--task", choices=["causal_lm", "seq_cls", "seq2seq"],
                    help="model head (default: seq2seq for encoder-decoders, seq_cls for BERT-like, else causal_lm)")
+    p.add_argument("--num-labels", type=int, help="classes of a classification head (default: the YAML's labels, else 2)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs in all (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; TP stays inside one (default 8)")
     p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 24GB, 80GiB (default 80GB)")
@@ -168,7 +169,8 @@ def _run_estimate(args: argparse.Namespace) -> int:
     from tunekit.estimate.units import parse_bytes
 
     choices = inputs.Choices(args.method, args.rank, args.target_modules, args.virtual_tokens, args.seq_len,
-                             args.batch, args.grad_checkpointing, args.dtype, args.optimizer, args.attn, args.task)
+                             args.batch, args.grad_checkpointing, args.dtype, args.optimizer, args.attn, args.task,
+                             args.num_labels)
     try:
         devices = Devices(args.gpus, parse_bytes(args.gpu_memory, "--gpu-memory"),
                           parse_bytes(args.host_memory, "--host-memory") if args.host_memory else None,

@@ -74,6 +74,8 @@ class StepTrace:
     """Alive at the end of forward (saved for backward, checkpoint inputs, outputs)."""
     peak: int
     """Most alive at once during forward and backward."""
+    peak_with_gradients: int = 0
+    """The same counting the gradients as they appear (what an allocator sees)."""
 
 
 @dataclass(frozen=True)
@@ -236,16 +238,52 @@ def simulate_step(model: nn.Module, task: str, shape: StepShape, quantization: A
     tracker.recording = False
     activations, _ = tracker.replay(grads, upto=forward_end)
     _, peak = tracker.replay(grads)
-    return StepTrace(activations, peak)
+    rng = _checkpoint_rng_bytes(model) if shape.grad_checkpointing else 0
+    return StepTrace(activations + rng, peak + rng, tracker.replay(set())[1] + rng)
+
+
+def _checkpoint_rng_bytes(model: nn.Module) -> int:
+    """Bytes of the RNG states checkpointing keeps from each block's forward to its recomputation.
+
+    ``torch.utils.checkpoint`` (``preserve_rng_state``) stores ``torch.get_rng_state()``, a
+    real tensor made outside any op, so the tracker does not see it; it is small and the
+    same for every block.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = sum(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in model.modules())
+    return blocks * torch.get_rng_state().nbytes
 
 
 def _depths(spec: ModelSpec) -> tuple[dict[str, int], list[str]]:
+    """Base depth 2 per stack: the first block is not a steady-state one (it reads the embeddings),
+    and with two blocks every kind of an alternating model (Gemma 2's sliding / full) has its mask."""
     stacks = list(num_layers(spec.config))
     return {s: 2 for s in stacks}, stacks
 
 
+_PROFILES: dict[tuple, ActivationProfile] = {}  # the planner asks again for every layout and every fix
+
+
+def _key(spec: ModelSpec, shape: StepShape, tp: int) -> tuple:
+    return (spec.config.to_json_string(use_diff=False), spec.task, spec.dtype, repr(spec.quantization),
+            repr(spec.adapter), spec.attn, spec.num_labels, shape, tp)
+
+
 def profile_activations(spec: ModelSpec, shape: StepShape, tp: int = 1) -> ActivationProfile:
-    """Activations and temporaries of ``spec`` at ``shape`` (one tensor-parallel rank's when ``tp`` > 1)."""
+    """Activations and temporaries of ``spec`` at ``shape`` (one tensor-parallel rank's when ``tp`` > 1).
+
+    Results are kept per (model, shape, tp) for the life of the process.
+    """
+    key = _key(spec, shape, tp)
+    if key not in _PROFILES:
+        if len(_PROFILES) >= 256:
+            _PROFILES.clear()
+        _PROFILES[key] = _profile(spec, shape, tp)
+    return _PROFILES[key]
+
+
+def _profile(spec: ModelSpec, shape: StepShape, tp: int) -> ActivationProfile:
     base, stacks = _depths(spec)
     full = num_layers(spec.config)
 
@@ -255,7 +293,7 @@ def profile_activations(spec: ModelSpec, shape: StepShape, tp: int = 1) -> Activ
     ref = run(base)
     activations, peak, per_block = ref.activations, ref.peak, {}
     for stack in stacks:
-        deeper = run({**base, stack: 3})
+        deeper = run({**base, stack: base[stack] + 1})
         d_act, d_peak = deeper.activations - ref.activations, deeper.peak - ref.peak
         extra = full[stack] - base[stack]
         activations += extra * d_act

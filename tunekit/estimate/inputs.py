@@ -144,6 +144,8 @@ def merge_choices(spec: ModelSpec, settings: RunSettings, choices: Choices) -> t
         spec = replace(spec, dtype=_dtype(choices.dtype, spec.config))
     if choices.attn is not None:
         spec = replace(spec, attn=_ATTN[choices.attn])
+    if choices.num_labels is not None:
+        spec = replace(spec, num_labels=choices.num_labels)
     shape = settings.shape
     updates = {"batch": choices.batch, "seq_len": choices.seq_len, "grad_checkpointing": choices.grad_checkpointing}
     shape = replace(shape, **{k: v for k, v in updates.items() if v is not None})

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Measurement", "measure_training_step", "resident_bytes"]
+__all__ = ["Measurement", "check_estimate", "measure_training_step", "padded_batch", "real_model", "resident_bytes"]
 
 
 @dataclass(frozen=True)
@@ -128,3 +128,76 @@ def measure_training_step(model: nn.Module, batch: dict[str, torch.Tensor], task
                                   if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer)
         step_peak = _profiled_step_peak(lambda: trainer.train_step(window))
         return Measurement(resident + step_peak, resident, "profiler")
+
+
+def real_model(spec: Any, device: str = "cpu", seed: int = 0) -> nn.Module:
+    """The model of ``spec`` with random weights, built as ``tunekit.load_model`` would, adapter injected.
+
+    A quantized spec is saved to a temporary folder and loaded back through
+    transformers' bitsandbytes path (quantization needs weights), then prepared
+    as tunekit prepares it.
+    """
+    import transformers
+
+    from tunekit.adapters import inject_adapters
+    from tunekit.estimate.model import DTYPES, bnb_config, replica_config
+    from tunekit.models.loading import TASKS, prepare_quantized
+
+    auto = getattr(transformers, TASKS[spec.task])
+    kwargs = {"attn_implementation": spec.attn} if spec.attn else {}
+    torch.manual_seed(seed)
+    model = auto.from_config(replica_config(spec, None, 1), dtype=DTYPES[spec.dtype], **kwargs)
+    if spec.quantization is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            model = auto.from_pretrained(folder, dtype=DTYPES[spec.dtype], quantization_config=bnb_config(
+                spec.quantization), **kwargs)
+        prepare_quantized(model)
+    model.to(device)
+    if spec.adapter is None:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    else:
+        inject_adapters(model, spec.adapter)
+    return model
+
+
+def padded_batch(task: str, shape: Any, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A micro-batch of ``shape`` whose last row ends in padding (what real batches have), or packed rows."""
+    g = torch.Generator().manual_seed(seed)
+    b, t = shape.batch, shape.seq_len
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    batch = {"input_ids": ids}
+    labels = ids.clone()
+    if shape.packed:  # two examples per row: positions restart, as tunekit's packing writes them
+        half = t // 2
+        batch["position_ids"] = torch.cat([torch.arange(half), torch.arange(t - half)]).repeat(b, 1)
+    elif shape.padded:
+        mask = torch.ones(b, t, dtype=torch.long)
+        mask[-1, t - max(1, t // 8):] = 0
+        batch["attention_mask"] = mask
+        labels[mask == 0] = -100
+    if task == "seq_cls":
+        labels = torch.zeros(b, dtype=torch.long)
+    elif task == "seq2seq":
+        labels = torch.randint(0, vocab, (b, shape.target_len), generator=g)
+    return {**batch, "labels": labels}
+
+
+def check_estimate(spec: Any, settings: Any, device: str = "cpu") -> tuple[int, Measurement]:
+    """(estimated single-device peak, measured peak) of one training step of ``spec`` on this machine."""
+    from tunekit.estimate.planner import Devices, Layout, _Context, breakdown
+    from tunekit.estimate.model import build_model, inventory, tp_placements
+    from tunekit.train import TrainConfig
+
+    meta = build_model(spec)
+    ctx = _Context(spec, settings, Devices(1, 2**50, None, 1, "cpu" if device == "cpu" else "cuda", 0.0),
+                   inventory(meta), tp_placements(meta))
+    estimated = breakdown(Layout("none"), ctx).peak
+    shape = settings.shape
+    train_cfg = TrainConfig(optimizer=settings.optimizer, mixed_precision=shape.mixed_precision,
+                            gradient_checkpointing=shape.grad_checkpointing,
+                            fused_cross_entropy=shape.fused_cross_entropy)
+    model = real_model(spec, device)
+    batch = padded_batch(spec.task, shape, spec.config.vocab_size)
+    return estimated, measure_training_step(model, batch, spec.task, train_cfg)

@@ -203,7 +203,7 @@ def rank_model_states(
     ``dp`` > 1 means sharded data parallelism (FSDP2 / ZeRO-3); plain DDP is ``dp=1``.
     Gradients have their parameter's shape and dtype; optimizer states follow ``optimizer``.
     """
-    frozen = trainable = grads = 0
+    frozen, trainable, grads = inv.buffer_bytes, 0, 0
     opt_params: list[tuple[int, torch.dtype]] = []
     for param in inv.params:
         splits = _tp_split(param, placements or {}, tp, tp_rank)
@@ -222,18 +222,19 @@ def rank_model_states(
 def optimizer_step_transient(inv: Inventory, optimizer: str, device: str, shard: int = 1) -> int:
     """Peak scratch bytes of one optimizer step over the trainable parameters (1/``shard`` of each).
 
-    torch's AdamW runs ``foreach`` on GPUs: ``_foreach_sqrt`` of every second moment of a
-    parameter group at once (tunekit's groups: matrices with weight decay, 1-D tensors
-    without), so one group's worth; on a CPU it loops over tensors and holds two
-    temporaries of the largest one. bitsandbytes and SGD update in place.
+    tunekit's AdamW has two parameter groups (matrices with weight decay, 1-D tensors
+    without). On GPUs torch runs ``foreach``: ``_foreach_sqrt`` of every second moment
+    of a group at once, so one group's bytes. On a CPU it loops over the tensors of a
+    group: the square root and the denominator of the current tensor, plus the previous
+    tensor's denominator, which Python holds until the name is reassigned.
+    bitsandbytes and SGD update in place.
     """
     if optimizer != "adamw":
         return 0
-    sizes = [(p.nbytes // shard, len(p.shape)) for p in inv.params if p.trainable]
-    if not sizes:
-        return 0
-    if device == "cpu":
-        return 2 * max(n for n, _ in sizes)
-    matrices = sum(n for n, ndim in sizes if ndim >= 2)
-    vectors = sum(n for n, ndim in sizes if ndim < 2)
-    return max(matrices, vectors)
+    groups: tuple[list[int], list[int]] = ([], [])
+    for p in inv.params:
+        if p.trainable:
+            groups[len(p.shape) < 2].append(p.nbytes // shard)
+    if device != "cpu":
+        return max(sum(g) for g in groups)
+    return max((2 * n + (g[i - 1] if i else 0) for g in groups for i, n in enumerate(g)), default=0)

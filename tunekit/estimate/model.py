@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -93,7 +93,8 @@ def tp_divisibility_error(config: Any, tp: int) -> str | None:
     return None
 
 
-def _replica_config(spec: ModelSpec, layers: dict[str, int] | None, tp: int) -> Any:
+def replica_config(spec: ModelSpec, layers: dict[str, int] | None = None, tp: int = 1) -> Any:
+    """A copy of the spec's config with ``layers`` blocks per stack and one TP rank's slice of the heads and MLP."""
     config = copy.deepcopy(spec.config)
     if layers:
         for name, value in layers.items():
@@ -138,7 +139,7 @@ def build_model(spec: ModelSpec, *, layers: dict[str, int] | None = None, tp: in
         ValueError: a task the architecture has no head for, an adapter that matches
             nothing, full fine-tuning of a quantized model, a ``tp`` that does not divide the heads.
     """
-    model = _instantiate(spec, _replica_config(spec, layers, tp))
+    model = _instantiate(spec, replica_config(spec, layers, tp))
     if spec.quantization is not None:
         _quantize_on_meta(model, spec.quantization)
     if spec.adapter is None:
@@ -160,7 +161,8 @@ def _meta_safe(adapter: Any) -> Any:
     return adapter
 
 
-def _bnb_config(q: Any) -> Any:
+def bnb_config(q: Any) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for a tunekit ``QuantizationConfig`` (as ``load_model`` builds it)."""
     from transformers import BitsAndBytesConfig
 
     if q.bits == 8:
@@ -176,10 +178,10 @@ def _quantize_on_meta(model: nn.Module, q: Any) -> None:
 
     from tunekit.models.loading import prepare_quantized
 
-    bnb_config = _bnb_config(q)
-    quantizer = AutoHfQuantizer.from_config(bnb_config)
-    skip = quantizer.get_modules_to_not_convert(model, bnb_config.llm_int8_skip_modules, model._keep_in_fp32_modules)
-    replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=bnb_config)
+    bnb = bnb_config(q)
+    quantizer = AutoHfQuantizer.from_config(bnb)
+    skip = quantizer.get_modules_to_not_convert(model, bnb.llm_int8_skip_modules, model._keep_in_fp32_modules)
+    replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=bnb)
     for module in model.modules():
         kind = type(module).__name__
         if kind == "Linear4bit":
@@ -251,7 +253,8 @@ class Inventory:
     params: list[ParamInfo]
     largest_layer_params: int
     """Most parameters held directly by one module (DeepSpeed's ``largest_layer_params``)."""
-    meta: dict[str, Any] = field(default_factory=dict)
+    buffer_bytes: int = 0
+    """Buffers (rotary frequencies, position ids): on every rank, never sharded."""
 
     @property
     def total(self) -> int:
@@ -263,7 +266,8 @@ class Inventory:
 
     @property
     def frozen_bytes(self) -> int:
-        return sum(p.nbytes for p in self.params if not p.trainable)
+        """Frozen parameters and buffers."""
+        return sum(p.nbytes for p in self.params if not p.trainable) + self.buffer_bytes
 
     @property
     def trainable_bytes(self) -> int:
@@ -304,7 +308,8 @@ def inventory(model: nn.Module) -> Inventory:
         params.append(ParamInfo(name, tuple(param.shape), numel, nbytes, param.dtype, param.requires_grad,
                                 kind, unit))
     largest = max((sum(_storage(p)[1] for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-    return Inventory(params, largest)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return Inventory(params, largest, buffers)
 
 
 def tp_placements(model: nn.Module) -> dict[str, str]:
