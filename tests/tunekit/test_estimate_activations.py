@@ -61,10 +61,17 @@ def test_simulated_peak_equals_the_profiled_one(name, config, task, attn, adapte
     assert abs(simulated - _real_peak(spec, shape)) <= 128  # a few scalars
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_bf16_and_4bit_peaks_are_close_to_the_profiled_ones(checkpointing):
+def test_tunekit_kernel_modules_are_simulated_as_they_run():
+    spec = ModelSpec(tiny_llama().config, "causal_lm", adapter=LoRAConfig(), attn="sdpa", kernels=True)
+    shape = StepShape(2, 24)
+    simulated = simulate_step(build_model(spec), "causal_lm", shape).peak_with_gradients
+    assert abs(simulated - _real_peak(spec, shape)) <= 128
+
+
+@pytest.mark.parametrize(("bits", "checkpointing"), [(4, False), (4, True), (8, False)])
+def test_bf16_and_quantized_peaks_are_close_to_the_profiled_ones(bits, checkpointing):
     config = tiny_llama(hidden_size=64, intermediate_size=128).config
-    spec = ModelSpec(config, "causal_lm", "bf16", QuantizationConfig(), LoRAConfig(), attn="sdpa")
+    spec = ModelSpec(config, "causal_lm", "bf16", QuantizationConfig(bits=bits), LoRAConfig(), attn="sdpa")
     shape = StepShape(2, 24, mixed_precision="bf16", grad_checkpointing=checkpointing)
     simulated = simulate_step(build_model(spec), "causal_lm", shape, spec.quantization).peak_with_gradients
     real = _real_peak(spec, shape)

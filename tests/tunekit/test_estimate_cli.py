@@ -22,7 +22,7 @@ def test_every_cookbook_recipe_estimates_offline(recipe, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert main(["estimate", str(recipe.relative_to(ROOT))]) == 0
     out = capsys.readouterr().out
-    assert "recommended: " in out and "single GPU" in out
+    assert ("recommended: " in out or "no fit: " in out) and "single GPU" in out
 
 
 def test_quickstart_counts_equal_tunekits_own_training_log(capsys, monkeypatch):

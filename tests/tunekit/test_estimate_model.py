@@ -174,6 +174,17 @@ def test_quantized_layers_and_bytes_equal_transformers_4bit_loading(tmp_path):
     assert inv.frozen_bytes == resident_bytes(loaded)  # packed weights + tables + fp32 norms/embeddings/head
 
 
+def test_int8_frozen_bytes_equal_transformers_8bit_loading():
+    from tunekit.estimate.measure import real_model, resident_bytes
+
+    spec = ModelSpec(tiny_llama(hidden_size=64, intermediate_size=128).config, "causal_lm", "bf16",
+                     QuantizationConfig(bits=8), LoRAConfig(rank=4))
+    real = real_model(spec)  # saved and loaded back with load_in_8bit, then prepared as tunekit does
+    assert any(type(m).__name__ == "Linear8bitLt" for m in real.modules())
+    inv = inventory(build_model(spec))
+    assert inv.frozen_bytes + inv.trainable_bytes == resident_bytes(real)
+
+
 def test_int8_layout_equals_bitsandbytes_int8_params():
     import bitsandbytes as bnb
 

@@ -168,6 +168,8 @@ def _fakeify(model: nn.Module, mode: Any, quantization: Any) -> None:
                     with mode:
                         fake.quant_state = quant_state(tuple(state.shape), quantization,
                                                        lambda s, d: torch.empty(s, dtype=d))
+                if getattr(param, "SCB", None) is not None:  # LLM.int8: int8 rows + per-row scales
+                    fake.CB, fake.SCB = fake, _fake_like(param.SCB, mode)
                 memo[id(param)] = fake
             module._parameters[name] = memo[id(param)]
         for name, buf in list(module._buffers.items()):
@@ -267,7 +269,7 @@ _PROFILES: dict[tuple, ActivationProfile] = {}  # the planner asks again for eve
 
 def _key(spec: ModelSpec, shape: StepShape, tp: int) -> tuple:
     return (spec.config.to_json_string(use_diff=False), spec.task, spec.dtype, repr(spec.quantization),
-            repr(spec.adapter), spec.attn, spec.num_labels, shape, tp)
+            repr(spec.adapter), spec.attn, spec.num_labels, spec.kernels, shape, tp)
 
 
 def profile_activations(spec: ModelSpec, shape: StepShape, tp: int = 1) -> ActivationProfile:

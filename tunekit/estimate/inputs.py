@@ -95,7 +95,7 @@ def from_choices(source: str, choices: Choices) -> tuple[ModelSpec, RunSettings]
                                         choices.target_modules, choices.virtual_tokens or 20)
     dtype = _dtype(choices.dtype or "bf16", config)
     spec = ModelSpec(config, task, dtype, quantization, adapter, _ATTN[choices.attn], choices.num_labels or 2,
-                     loaded.origin)
+                     origin=loaded.origin)
     shape = StepShape(batch=choices.batch or 1, seq_len=choices.seq_len or 512,
                       target_len=min(choices.seq_len or 512, 128), mixed_precision=dtype if dtype != "fp32" else "no",
                       grad_checkpointing=bool(choices.grad_checkpointing))
@@ -120,7 +120,7 @@ def from_finetune_config(cfg: Any) -> tuple[ModelSpec, RunSettings, list[int] | 
     task = task_for(cfg)
     labels = len(cfg.data.labels) if cfg.data.labels else 2
     spec = ModelSpec(config, task, _dtype(cfg.model.dtype, config), cfg.model.quantization, cfg.adapter,
-                     _ATTN[cfg.model.attn_implementation], labels, origin)
+                     _ATTN[cfg.model.attn_implementation], labels, cfg.model.kernels, origin)
     data, train = cfg.data, cfg.train
     shape = StepShape(batch=train.batch_size, seq_len=data.max_seq_len,
                       target_len=data.max_target_len or data.max_seq_len, packed=data.packing,

@@ -153,6 +153,10 @@ def real_model(spec: Any, device: str = "cpu", seed: int = 0) -> nn.Module:
             model = auto.from_pretrained(folder, dtype=DTYPES[spec.dtype], quantization_config=bnb_config(
                 spec.quantization), **kwargs)
         prepare_quantized(model)
+    if spec.kernels:
+        from tunekit.models.kernels import apply_kernels
+
+        apply_kernels(model)
     model.to(device)
     if spec.adapter is None:
         for param in model.parameters():

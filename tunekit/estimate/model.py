@@ -8,7 +8,8 @@ tied weights and ``_keep_in_fp32_modules`` stay unquantized; embeddings and
 norms are not linear) become bitsandbytes layers holding meta tensors in
 bitsandbytes' packed layout, and the rest is prepared as PEFT's
 ``prepare_model_for_kbit_training`` does (``tunekit.models.loading``: fp32);
-then ``inject_adapters`` adds the adapter, or every weight trains
+``model.kernels`` swaps in tunekit's kernel modules as loading does; then
+``inject_adapters`` adds the adapter, or every weight trains
 (``adapter=None``: full fine-tuning). So the trainable set is exact for every
 method, and ``inventory`` counts tied weights once.
 
@@ -64,6 +65,8 @@ class ModelSpec:
     """eager | sdpa | None (transformers' default)."""
     num_labels: int = 2
     """Classes of a seq_cls head."""
+    kernels: bool = False
+    """tunekit's kernel modules swapped in (``model.kernels``; their CPU reference path is simulated)."""
     origin: str = ""
     """Where the config came from (for the report)."""
 
@@ -142,6 +145,10 @@ def build_model(spec: ModelSpec, *, layers: dict[str, int] | None = None, tp: in
     model = _instantiate(spec, replica_config(spec, layers, tp))
     if spec.quantization is not None:
         _quantize_on_meta(model, spec.quantization)
+    if spec.kernels:  # tunekit.load_model swaps them in before any adapter is injected
+        from tunekit.models.kernels import apply_kernels
+
+        apply_kernels(model)
     if spec.adapter is None:
         if spec.quantization is not None:
             raise ValueError("full fine-tuning cannot train a quantized base; use an adapter (e.g. --method qlora)")
@@ -224,7 +231,7 @@ def _meta_4bit_weight(module: nn.Module, q: Any) -> nn.Parameter:
 def _meta_8bit_weight(module: nn.Module) -> None:
     layout = int8_layout(module.out_features, module.in_features)
     module.weight.data = _meta_empty(*layout["weight"])
-    module.weight.SCB = _meta_empty(*layout["SCB"])
+    module.weight.CB, module.weight.SCB = module.weight.data, _meta_empty(*layout["SCB"])
 
 
 @dataclass(frozen=True)

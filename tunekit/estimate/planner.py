@@ -296,7 +296,8 @@ def _note(layout: Layout, ctx: _Context) -> str:
 def _summary(spec: ModelSpec, inv: Inventory) -> dict[str, Any]:
     storage = sorted({p.storage for p in inv.params if not p.trainable} - {"dense"})
     return {"model_type": spec.config.model_type, "origin": spec.origin, "task": spec.task,
-            "method": getattr(spec.adapter, "method", "full"), "dtype": spec.dtype,
+            "method": "dora" if getattr(spec.adapter, "use_dora", False) else getattr(spec.adapter, "method", "full"),
+            "dtype": spec.dtype,
             "quantized": ", ".join(storage) or None, "parameters": inv.total, "trainable": inv.trainable,
             "frozen_bytes": inv.frozen_bytes, "trainable_bytes": inv.trainable_bytes}
 

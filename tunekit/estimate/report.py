@@ -49,7 +49,7 @@ def format_plan(result: Plan) -> str:
                   row.peak, row.host]
         mark = "yes" if row.fits else "no"
         lines.append(f"{row.layout.label:<{width}}  " + " ".join(f"{_gib(v):>9}" for v in values) + f"  {mark}")
-    lines += ["", f"recommended: {result.reason}"]
+    lines += ["", f"recommended: {result.reason}" if result.recommended else f"no fit: {result.reason}"]
     if result.recommended is not None:
         config = ", ".join(f"{k}: {v}" for k, v in result.recommended.layout.config().items())
         lines.append(f"             distributed: {{{config}}}")
