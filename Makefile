@@ -11,7 +11,15 @@ STAMP   := $(VENV)/.tunekit-installed
 # and the range in pyproject.toml accepts what is already there.
 TORCH   ?= torch==2.13.0
 
-.PHONY: run test lint install clean bench
+# A second environment with the newest versions pyproject.toml's ranges allow (torch still pinned:
+# an unpinned torch pulls a multi-GB CUDA build), so an upstream rename is caught the day it ships.
+# It runs the tests that lean on transformers' and PEFT's internals most: every adapter (LoRA,
+# prefix, prompt, bottleneck; PEFT interop; generate()), the models glue and the fused loss.
+LATEST  ?= .venv-latest
+LATEST_TESTS ?= tests/adapters tests/tunekit/test_attention_interface.py tests/tunekit/test_models.py \
+	tests/tunekit/test_apply_kernels.py
+
+.PHONY: run test test-latest lint install clean bench
 
 install: $(STAMP)
 
@@ -34,9 +42,20 @@ lint: $(STAMP)
 test: lint
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -m "not gpu" -q
 
+test-latest:
+	test -x $(LATEST)/bin/python || python3 -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]" "$(TORCH)"
+	@$(LATEST)/bin/python -m pip list --format=freeze 2>/dev/null \
+		| grep -iE '^(torch|transformers|peft|accelerate|bitsandbytes|datasets|safetensors|pydantic)==' \
+		| tr '\n' ' ' | sed 's/^/newest allowed versions: /'; echo
+	TRITON_INTERPRET=1 $(LATEST)/bin/pytest -m "not gpu and not slow" -q $(LATEST_TESTS)
+
+# bench/sft.py's peers (PEFT, TRL) are in the `test` extra that $(STAMP) installs (and in `bench`).
 bench: $(STAMP)
 	$(PY) bench/kernels.py
 	$(PY) bench/train.py
+	$(PY) bench/sft.py --json runs/bench-sft.json --markdown runs/bench-sft.md
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LATEST) runs

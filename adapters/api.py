@@ -16,6 +16,7 @@ from torch import nn
 
 from tunekit.adapters.config import AdapterConfig
 from tunekit.adapters.hf.layers import keep_4bit_layout_trainable
+from tunekit.adapters.hf.saving import exclude_adapters_from_save, untie_merged_head
 from tunekit.adapters.host import AdapterHost, AdapterLayer, ModulesToSave, NotMergeableError
 from tunekit.adapters.injection import InjectionReport, find_targets, replace_module, wrap_targets
 from tunekit.adapters.registry import iter_hosts, method_for
@@ -60,6 +61,7 @@ def inject_adapters(
         set_active_adapters(model, [name])
     else:
         set_active_adapters(model, active_adapters(model))
+    exclude_adapters_from_save(model)
     counts = trainable_parameters(model)
     return InjectionReport(name, config.method, wrapped, counts.trainable, counts.total)
 
@@ -106,6 +108,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             _remove_host(model, path, host, merge=False)
     del configs[name]
     set_active_adapters(model, [n for n in active_adapters(model) if n != name])
+    exclude_adapters_from_save(model)
 
 
 def _remove_host(model: nn.Module, path: str, host: AdapterHost, merge: bool) -> None:
@@ -140,9 +143,12 @@ def _layers(model: nn.Module) -> list[AdapterLayer]:
 def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, safe: bool = True) -> None:
     """Fold the active (or given) adapters into the base weights, in place.
 
-    The delta is computed in fp32; exact up to rounding in the weights' dtype.
-    Idempotent: merging twice changes nothing. Refuses, before touching any
-    weight, if some adapter cannot be merged (serial bottleneck, quantized base).
+    The merged weight is computed in fp32 and rounded once to the weights' dtype; the
+    original weights are kept (one extra copy of each merged weight) so that
+    ``unmerge_adapters`` restores them bit-exactly, and a tied output head gets a
+    merged weight of its own while the input embeddings stay unchanged. Idempotent:
+    merging twice changes nothing. Refuses, before touching any weight, if some
+    adapter cannot be merged (serial bottleneck, quantized base).
     """
     names = list(names) if names is not None else active_adapters(model)
     if any(not isinstance(h, AdapterLayer) and set(names) & set(h.adapters) for _, h in iter_hosts(model)):
@@ -156,7 +162,7 @@ def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, safe: b
 
 
 def unmerge_adapters(model: nn.Module) -> None:
-    """Subtract every merged adapter from its base weights again."""
+    """Put the base weights back as they were before merging (bit-exact, ties included)."""
     for layer in _layers(model):
         layer.unmerge()
 
@@ -164,7 +170,9 @@ def unmerge_adapters(model: nn.Module) -> None:
 def eject_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
     """Give the plain modules back: merged into them (``merge=True``) or dropped.
 
-    Returns the model, now free of tunekit wrappers, ready for ``save_pretrained``.
+    Returns the model, now free of tunekit wrappers, ready for ``save_pretrained``. A merged
+    output head that was tied to the input embeddings keeps its own weight (the embeddings
+    are unchanged) and the config says ``tie_word_embeddings=False``, so it saves and reloads as is.
     """
     if merge:
         names = active_adapters(model)
@@ -176,6 +184,9 @@ def eject_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
         _remove_host(model, path, host, merge=merge)
     model.tunekit_adapter_configs = {}
     model.tunekit_active_adapters = []
+    exclude_adapters_from_save(model)
+    if merge:
+        untie_merged_head(model)
     for p in model.parameters():
         # a plain model trains everything again; packed quantized weights (uint8) never do
         p.requires_grad_(p.dtype.is_floating_point)

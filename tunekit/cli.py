@@ -57,11 +57,15 @@ def _generate_parser(sub, common) -> None:
     )
     p.add_argument("model", help="an adapter folder (adapter_config.json), a model folder, a Hub id or pkg:<package>")
     p.add_argument("--prompt", required=True, action="append", help="input text (repeat for several prompts)")
+    p.add_argument("--input", action="append", dest="inputs", metavar="TEXT",
+                   help="the instruction's input (instruction runs), or the second text of a pair (classifiers "
+                        "of text pairs); one per --prompt, in order")
     p.add_argument("--base", help="base model for an adapter folder; default: the one the adapter records")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length limit (default 64)")
     p.add_argument("--sample", action="store_true", help="sample (temperature 1) instead of greedy decoding")
     p.add_argument("--raw", action="store_true",
-                   help="feed the prompt as is (default: wrapped in the run's instruction or chat template)")
+                   help="feed the prompt as is (default: the token ids training built for it: the run's "
+                        "instruction or chat template, special tokens as in training)")
 
 
 def _estimate_parser(sub, common) -> None:
@@ -157,8 +161,10 @@ def _run_merge(args: argparse.Namespace) -> int:
 def _run_generate(args: argparse.Namespace) -> int:
     from tunekit.inference import predict
 
+    if args.inputs is not None and len(args.inputs) != len(args.prompt):
+        raise UsageError(f"generate: {len(args.inputs)} --input for {len(args.prompt)} --prompt; give one per prompt")
     for line in predict(args.model, args.prompt, base=args.base, max_new_tokens=args.max_new_tokens,
-                        sample=args.sample, raw=args.raw):
+                        sample=args.sample, raw=args.raw, inputs=args.inputs):
         print(line)
     return 0
 

@@ -14,18 +14,20 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tunekit.adapters.hf.tasks import TASKS
 from tunekit.models.config import ModelConfig
 
-__all__ = ["Loaded", "load_adapted", "load_for_inference", "merge_adapter", "predict"]
+__all__ = ["Loaded", "classify", "load_adapted", "load_for_inference", "merge_adapter", "predict"]
 
-_PEFT_TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "seq_cls", "SEQ_2_SEQ_LM": "seq2seq"}
+_PEFT_TASKS = {spec.peft_task_type: task for task, spec in TASKS.items()}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -37,30 +39,70 @@ class Loaded:
     task: str
     """"causal_lm" | "seq_cls" | "seq2seq"."""
     data: dict[str, Any] | None = None
-    """The training run's ``data:`` section (prompt templates), when recorded."""
+    """The training run's ``data:`` section (format, templates), when recorded."""
+    _renderer: Any = field(default=None, init=False, repr=False)
 
-    def render(self, prompt: str) -> str:
-        """``prompt`` in the form training showed the model (instruction template, chat template)."""
-        fmt = (self.data or {}).get("format")
-        if fmt == "instruction":
-            return self.data["prompt_template_no_input"].format(prompt=prompt)
-        if fmt == "chat":
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True,
-                                                      chat_template=self.data.get("chat_template"))
-        return prompt
+    def _prompts(self):
+        """The run's ``PromptRenderer`` (None without a recorded data section)."""
+        if self._renderer is None and self.data:
+            from tunekit.data import DataConfig, PromptRenderer
+
+            try:
+                cfg = DataConfig.model_validate(self.data)
+            except ValueError as err:
+                raise ValueError(f"the adapter's recorded data section is not a valid data config: {err}") from None
+            self._renderer = PromptRenderer(cfg, self.tokenizer, inference=True)
+        return self._renderer
+
+    def prompt_ids(self, prompt: str | dict, second: str | None = None, raw: bool = False) -> list[int]:
+        """The token ids the model is given for ``prompt``: those training built for the same prompt.
+
+        Args:
+            prompt: the user's text (an instruction, a user message, a text to classify...), or a
+                row of the training format (``{"instruction": ..., "input": ...}``, ``{"messages": [...]}``).
+            second: an instruction's input, or a classification pair's second text.
+            raw: tokenize the text as is (the tokenizer's special tokens, no template).
+        """
+        prompts = None if raw else self._prompts()
+        if prompts is None:
+            if not isinstance(prompt, str):
+                raise ValueError("a prompt given as a row needs the run's data config (an adapter saved by "
+                                 "tunekit finetune) and raw=False")
+            return list(self.tokenizer(prompt, second)["input_ids"])
+        from tunekit.data.chat import SkipRow
+
+        try:
+            return prompts.prompt_ids(prompts.row_for(prompt, second))[0]
+        except SkipRow as skip:
+            raise ValueError(f"prompt {prompt!r} does not fit data.format {prompts.cfg.format!r}: "
+                             f"{skip.args[0]}") from None
+
+    def stop_ids(self) -> list[int] | None:
+        """End-of-sequence ids for generation: the model's own and those training ended responses with."""
+        own = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids = {*([] if own is None else [own] if isinstance(own, int) else own)}
+        prompts = self._prompts()
+        ids.update(prompts.end_ids() if prompts is not None else [])
+        return sorted(ids) or None
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _base_info(adapter_dir: Path, base: str | None) -> tuple[ModelConfig, str, list[str] | None, dict | None]:
     """(model config, task, label names, data section) of the base an adapter folder was trained on."""
     from tunekit.api import BASE_INFO_NAME
 
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ValueError(f"{adapter_dir} is not an adapter folder (no adapter_config.json); "
+                         "pass the run's adapter/ folder")
     record_file, peft_file = adapter_dir / BASE_INFO_NAME, adapter_dir / "adapter_config.json"
     if record_file.is_file():
-        record = json.loads(record_file.read_text())
+        record = _read_json(record_file)
         fields, task, labels, data = record["model"], record["task"], record.get("label_names"), record.get("data")
     else:
-        saved = json.loads(peft_file.read_text())
+        saved = _read_json(peft_file)
         task = _PEFT_TASKS.get(saved.get("task_type") or "CAUSAL_LM")
         if task is None or task == "seq_cls":
             raise ValueError(f"{adapter_dir}: task_type {saved.get('task_type')!r} needs the label names and head "
@@ -73,33 +115,24 @@ def _base_info(adapter_dir: Path, base: str | None) -> tuple[ModelConfig, str, l
     return ModelConfig(**fields), task, labels, data
 
 
-def load_adapted(adapter_dir: str | Path, base: str | None = None, *, merge_ready: bool = False,
-                 dtype: str | None = None) -> Loaded:
-    """The base with the saved adapter loaded and active.
+def load_adapted(adapter_dir: str | Path, base: str | None = None, *, dtype: str | None = None) -> Loaded:
+    """The base, loaded as it was trained (dtype, 4-bit quantization), with the saved adapter active.
 
     Args:
         adapter_dir: folder with ``adapter_config.json`` + ``adapter_model.safetensors``.
         base: base model source replacing the recorded one.
-        merge_ready: load the base unquantized (merging needs real weights).
         dtype: dtype replacing the recorded one ("fp32", "bf16", "fp16").
     """
     from tunekit.adapters import load_adapters
     from tunekit.models import load_model
 
     folder = Path(adapter_dir)
-    if not (folder / "adapter_config.json").is_file():
-        raise ValueError(f"{folder} is not an adapter folder (no adapter_config.json); pass the run's adapter/ folder")
     model_cfg, task, labels, data = _base_info(folder, base)
-    updates: dict[str, Any] = {"quantization": None} if merge_ready else {}
     if dtype is not None:
-        updates["dtype"] = dtype
-    elif merge_ready and model_cfg.quantization is not None:
-        updates["dtype"] = "fp32"
-    model, tokenizer = load_model(model_cfg.model_copy(update=updates), task=task, label_names=labels)
+        model_cfg = model_cfg.model_copy(update={"dtype": dtype})
+    model, tokenizer = load_model(model_cfg, task=task, label_names=labels)
     load_adapters(model, folder)
     return Loaded(model.eval(), tokenizer, task, data)
-
-
 def load_for_inference(source: str, base: str | None = None) -> Loaded:
     """An adapter folder (base + adapter) or a plain model (Hub id, folder, pkg:) ready to predict."""
     from transformers import AutoConfig
@@ -125,37 +158,89 @@ def load_for_inference(source: str, base: str | None = None) -> Loaded:
 
 
 @torch.no_grad()
-def predict(source: str, prompts: list[str], base: str | None = None, max_new_tokens: int = 64,
-            sample: bool = False, raw: bool = False) -> list[str]:
+def classify(loaded: Loaded, ids: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+    """(N, num_labels) logits of a classifier for prompts given as token ids, in batches.
+
+    Batches are padded as training batched them (``tunekit.data.collate``: left for decoder
+    classifiers), so a prompt's logits do not depend on the batch it lands in.
+    """
+    from tunekit.data import collator_for
+
+    collate = collator_for("seq_cls", loaded.tokenizer)
+    out = []
+    for start in range(0, len(ids), batch_size):
+        rows = [{"input_ids": row, "attention_mask": [1] * len(row)} for row in ids[start: start + batch_size]]
+        batch = {k: v.to(loaded.model.device) for k, v in collate(rows).items()}
+        out.append(loaded.model(**batch).logits.float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def predict(source: str, prompts: list[str | dict], base: str | None = None, max_new_tokens: int = 64,
+            sample: bool = False, raw: bool = False, batch_size: int = 16,
+            inputs: list[str] | None = None) -> list[str]:
     """One output per prompt: the predicted label (classifiers) or the generated continuation.
 
-    Prompts go through the training run's instruction/chat template unless ``raw``.
+    Each prompt becomes the token ids training built for the same prompt (``Loaded.prompt_ids``:
+    the run's instruction or chat template, the tokenizer's special tokens as training added them),
+    unless ``raw``; ``inputs`` gives each prompt its instruction input or second text of a pair.
+    Classifiers run in batches of ``batch_size``; generation stops at the model's EOS or the end
+    tokens training closed responses with.
     """
+    if inputs is not None and len(inputs) != len(prompts):
+        raise ValueError(f"{len(inputs)} inputs for {len(prompts)} prompts: give one input per prompt")
     loaded = load_for_inference(source, base)
     model, tokenizer, task = loaded.model, loaded.tokenizer, loaded.task
-    outputs = []
-    for prompt in prompts:
-        text = prompt if raw else loaded.render(prompt)
-        # Single texts: type ids would be all zeros (BERT's default); decoders reject them.
-        inputs = tokenizer(text, return_tensors="pt", return_token_type_ids=False).to(model.device)
-        if task == "seq_cls":
-            label_id = int(model(**inputs).logits[0].argmax())
-            outputs.append(str(model.config.id2label[label_id]))
-            continue
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sample,
-                                   pad_token_id=tokenizer.pad_token_id)
-        new = generated[0] if task == "seq2seq" else generated[0, inputs["input_ids"].shape[1]:]
+    seconds = inputs if inputs is not None else [None] * len(prompts)
+    ids = [loaded.prompt_ids(prompt, second, raw=raw) for prompt, second in zip(prompts, seconds)]
+    if task == "seq_cls":
+        return [str(model.config.id2label[int(i)]) for i in classify(loaded, ids, batch_size).argmax(-1)]
+    outputs, stop = [], loaded.stop_ids()
+    for row in ids:
+        prompt_ids = torch.tensor([row], device=model.device)
+        generated = model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                                   max_new_tokens=max_new_tokens, do_sample=sample,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+        new = generated[0] if task == "seq2seq" else generated[0, len(row):]
         outputs.append(tokenizer.decode(new, skip_special_tokens=True))
     return outputs
 
 
+def _dequantize_all(model: nn.Module) -> None:
+    """Replace every remaining bitsandbytes layer by a plain fp32 ``nn.Linear`` and drop the model's
+    quantization config, so ``save_pretrained`` writes a model that loads without bitsandbytes."""
+    from tunekit.adapters.hf.layers import dequantized_linear, is_quantized
+
+    for name, module in list(model.named_modules()):
+        if is_quantized(module):
+            model.set_submodule(name, dequantized_linear(module))
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+
+
 def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None,
                   dtype: str | None = None) -> Path:
-    """Merge the adapter into its (unquantized) base and ``save_pretrained`` model + tokenizer to ``out``."""
+    """Merge the adapter into its base and ``save_pretrained`` model + tokenizer to ``out``.
+
+    The base is loaded as it was trained. A QLoRA adapter is merged into the dequantized 4-bit
+    weights it was trained against (``eject_adapters`` dequantizes), not the checkpoint's original
+    full-precision weights, and the base's other 4-bit layers are dequantized too, so the merged
+    model computes what the trained 4-bit model computed.
+
+    Args:
+        dtype: of the merged model ("fp32", "bf16", "fp16"); default the training dtype, fp32 for a
+            quantized base.
+    """
     from tunekit.adapters import eject_adapters
 
-    loaded = load_adapted(adapter_dir, base, merge_ready=True, dtype=dtype)
+    folder = Path(adapter_dir)
+    quantized = _base_info(folder, base)[0].quantization is not None
+    loaded = load_adapted(folder, base, dtype=None if quantized else dtype)
     merged = eject_adapters(loaded.model, merge=True)
+    if quantized:
+        _dequantize_all(merged)
+        merged.to(_DTYPES[dtype or "fp32"])
     out = Path(out)
     merged.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)

@@ -173,16 +173,10 @@ class ParallelBottleneck(AdapterLayer):
             return f"parallel bottleneck adapters {names}: the base {type(base).__name__} has no bias to absorb the adapter biases"
         return None
 
-    def _add_delta(self, name: str, sign: float, safe: bool) -> None:
+    def _fold(self, name: str, safe: bool) -> None:
         delta_w, delta_b = self.adapters[name].delta()
         base = self.base_layer
-        write_linear(base, base_weight(base).float() + sign * delta_w, base.bias.float() + sign * delta_b, safe)
-
-    def _fold(self, name: str, safe: bool) -> None:
-        self._add_delta(name, 1.0, safe)
-
-    def _unfold(self, name: str) -> None:
-        self._add_delta(name, -1.0, safe=False)
+        write_linear(base, base_weight(base).float() + delta_w, base.bias.float() + delta_b, safe)
 
 
 class PostNormParallelBottleneck(ParallelBottleneck):

@@ -71,16 +71,26 @@ def base_weight(module: nn.Module) -> torch.Tensor:
 
 
 def write_linear(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None, safe: bool = True) -> None:
-    """Copy a dense ``(out, in)`` weight (and bias) into a linear-like module, in its own layout and dtype.
+    """Give a linear-like module a dense ``(out, in)`` weight (and bias), in its own layout and dtype.
 
-    With ``safe``, refuses (before writing anything) values that are not finite.
+    The values go into NEW Parameters that replace the module's (same dtype, device and
+    ``requires_grad``); the old ones are not written, so a caller may keep them to put
+    back, and a weight tied to another module is left as it was. With ``safe``,
+    refuses (before changing anything) values that are not finite.
     """
     if safe and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
         raise ValueError("merged weight has NaN/Inf values; the adapter is broken, nothing was changed")
     with torch.no_grad():
-        module.weight.copy_((weight.T if is_conv1d(module) else weight).to(module.weight.dtype))
+        layout = weight.T if is_conv1d(module) else weight
+        module.weight = _replacing(module.weight, layout)
         if bias is not None:
-            module.bias.copy_(bias.to(module.bias.dtype))
+            module.bias = _replacing(module.bias, bias)
+
+
+def _replacing(old: nn.Parameter, values: torch.Tensor) -> nn.Parameter:
+    new = torch.empty(old.shape, dtype=old.dtype, device=old.device)
+    new.copy_(values)  # one rounding to the module's dtype
+    return nn.Parameter(new, requires_grad=old.requires_grad)
 
 
 def adapter_dtype(base: nn.Module) -> torch.dtype:

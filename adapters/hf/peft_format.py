@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tunekit.adapters.hf.tasks import TASKS
+
 # PeftModel wraps the HF model twice (PeftModel.base_model = LoraModel, .model = HF model).
 PEFT_PREFIX = "base_model.model."
 
-_TASK_SUFFIXES = (
-    ("ForCausalLM", "CAUSAL_LM"),
-    ("LMHeadModel", "CAUSAL_LM"),
-    ("ForSequenceClassification", "SEQ_CLS"),
-    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+# tunekit's tasks, then heads PEFT names that tunekit does not train (their adapters still export).
+_TASK_SUFFIXES = tuple((suffix, spec.peft_task_type) for spec in TASKS.values() for suffix in spec.class_suffixes) + (
     ("ForTokenClassification", "TOKEN_CLS"),
     ("ForQuestionAnswering", "QUESTION_ANS"),
 )

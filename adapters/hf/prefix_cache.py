@@ -5,7 +5,9 @@ conventions for prefix tuning and prompt tuning lives here; the adapter
 methods (``adapters/prefix``, ``adapters/prompt``) only produce tensors.
 
 Prefix tuning (P-tuning v2) puts ``P`` trained key/value vectors in front of
-every attention layer's keys. It enters through ``past_key_values``:
+every attention layer's keys. It enters through the model's cache keyword
+(``past_key_values`` up to transformers 5.23, ``cache`` from 5.24; ``cache_keyword``
+finds which one a forward takes, and a caller's other spelling is moved to it):
 
     keys of layer l:  [ prefix_k[l] (P) | cached tokens | new tokens ]
     attention mask:   [ 1 ... 1    (P) | caller's 2-D mask          ]
@@ -28,13 +30,14 @@ Prompt tuning (P-tuning v1) prepends ``P`` trained embeddings to the input
 embeddings; ``add_prompt`` rewrites ``input_ids`` into ``inputs_embeds`` and
 extends the attention mask, labels (-100), token types and positions.
 
-Supported architectures are listed in ``VIRTUAL_TOKEN_ARCHS``; the layouts
+Supported architectures are the rows with ``virtual_tokens`` in ``adapters/hf/arch.py``; the layouts
 follow PEFT 0.21 exactly (including its T5 layout, where only the decoder's
 self-attention receives the prefix), so adapters load both ways.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from collections.abc import Callable
@@ -45,14 +48,25 @@ from torch import nn
 from transformers import Cache, DynamicCache, EncoderDecoderCache
 from transformers.cache_utils import CacheLayerMixin
 
-# model_type -> how the model consumes virtual tokens.
-VIRTUAL_TOKEN_ARCHS: dict[str, str] = {
-    "llama": "decoder", "mistral": "decoder", "qwen2": "decoder", "qwen3": "decoder", "gpt2": "decoder",
-    "bert": "encoder", "roberta": "encoder",
-    "t5": "encoder_decoder",
-}
+from tunekit.adapters.hf.arch import arch_column, supporting
+from tunekit.adapters.hf.tasks import IGNORE_INDEX
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
+_CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+@functools.cache
+def _forward_parameters(cls: type) -> tuple[str, ...]:
+    """Parameter names of ``cls.forward`` after ``self`` (per class: signatures are slow to build)."""
+    return tuple(inspect.signature(cls.forward).parameters)[1:]
+
+
+def cache_keyword(module: nn.Module) -> str | None:
+    """The keyword ``module.forward`` takes its KV cache as (``cache`` from transformers 5.24,
+    ``past_key_values`` before), or None when it takes none."""
+    params = _forward_parameters(type(module))
+    return next((k for k in _CACHE_KEYWORDS if k in params), None)
+
 """Per-layer (key, value) prefixes, each ``(KV_heads, P, D)`` (unbatched)."""
 
 
@@ -80,13 +94,12 @@ class VirtualTokenGeometry:
 def virtual_token_geometry(model: nn.Module) -> VirtualTokenGeometry:
     """The geometry of ``model``; a clear error for architectures not supported."""
     cfg = getattr(model, "config", None)
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in VIRTUAL_TOKEN_ARCHS:
+    kind = arch_column(model, "virtual_tokens")
+    if kind is None:
         raise ValueError(
-            f"prefix/prompt tuning does not support model_type {model_type!r} ({type(model).__name__}); "
-            f"supported: {sorted(VIRTUAL_TOKEN_ARCHS)}. Use LoRA or a bottleneck adapter instead"
+            f"prefix/prompt tuning does not support model_type {getattr(cfg, 'model_type', None)!r} "
+            f"({type(model).__name__}); supported: {supporting('virtual_tokens')}. Use LoRA or a bottleneck adapter instead"
         )
-    kind = VIRTUAL_TOKEN_ARCHS[model_type]
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -191,6 +204,7 @@ class VirtualTokenHooks:
 
     def __init__(self, model: nn.Module) -> None:
         self.kind = virtual_token_geometry(model).kind
+        self.cache_key = cache_keyword(model) or "past_key_values"
         self.caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.stateless: Cache | None = None
         # transformers' GradientCheckpointingLayer subclasses (matched by their switch, so that
@@ -199,19 +213,33 @@ class VirtualTokenHooks:
 
     @staticmethod
     def bind(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-        """Positional arguments of ``module.forward`` moved into ``kwargs``."""
-        if not args:
-            return dict(kwargs)
-        names = list(inspect.signature(module.forward).parameters)
-        return {**dict(zip(names, args)), **kwargs}
+        """Positional arguments of ``module.forward`` moved into ``kwargs``, and a cache passed under
+        the keyword this transformers version does not use moved to the one it does."""
+        kwargs = {**dict(zip(_forward_parameters(type(module)), args)), **kwargs}
+        key = cache_keyword(module)
+        for other in _CACHE_KEYWORDS:
+            if key is not None and other != key and other in kwargs:
+                value = kwargs.pop(other)
+                if kwargs.get(key) is None:
+                    kwargs[key] = value
+        return kwargs
+
+    def cache(self, kwargs: dict):
+        return kwargs.get(self.cache_key)
 
     def continuing(self, kwargs: dict, name: str | None, what: str) -> bool:
-        """True when ``past_key_values`` already holds adapter ``name``'s virtual tokens.
+        """True when the passed cache already holds adapter ``name``'s virtual tokens.
 
         Raises:
-            ValueError: a non-empty cache this adapter did not fill (another adapter, or none).
+            ValueError: a non-empty cache this adapter did not fill (another adapter, or none), or a
+                static cache (its fixed length and 4-D masks leave no room for virtual tokens).
         """
-        cache = kwargs.get("past_key_values")
+        cache = self.cache(kwargs)
+        if isinstance(cache, Cache) and cache.is_compileable:
+            raise ValueError(
+                f"{what} tuning does not support static KV caches (generate(cache_implementation='static'), "
+                f"{type(cache).__name__}): drop cache_implementation to use the default dynamic cache"
+            )
         if cache is None or not isinstance(cache, Cache) or cache.get_seq_length() == 0:
             return False
         owner = self.caches.get(cache)
@@ -219,8 +247,8 @@ class VirtualTokenHooks:
             have = f"{what} adapter {owner!r}" if owner else f"no {what} tokens"
             want = f"adapter {name!r} is active" if name else "the adapters are disabled"
             raise ValueError(
-                f"past_key_values holds {have} but {want}: continue a sequence with the adapter it was started with, "
-                "or start a new one (past_key_values=None)"
+                f"the passed {self.cache_key} holds {have} but {want}: continue a sequence with the adapter it "
+                f"was started with, or start a new one ({self.cache_key}=None)"
             )
         return True
 
@@ -228,7 +256,7 @@ class VirtualTokenHooks:
         """Make ``cache`` (a stateless prefix cache, or None) reach every block during this forward.
 
         Under gradient checkpointing transformers keeps a cache out of the
-        blocks: by nulling the ``past_key_values`` keyword, unless the block's
+        blocks: by nulling the cache keyword, unless the block's
         ``_can_checkpoint_with_cache`` switch (documented for read-only caches)
         is set, or, in some models (GPT-2), by passing None positionally, which
         ``block_pre_hook`` undoes. Both only while a read-only cache is in use.
@@ -244,7 +272,7 @@ class VirtualTokenHooks:
         """Pre-hooks on the checkpointable blocks (see ``use_stateless``) and a hook ending each forward."""
         handles = [model.register_forward_hook(self.end_forward, always_call=True)]
         for layer in self._checkpointed:
-            if "past_key_values" in inspect.signature(layer.forward).parameters:
+            if cache_keyword(layer) is not None:
                 handles.append(layer.register_forward_pre_hook(self.block_pre_hook, with_kwargs=True))
         return handles
 
@@ -253,7 +281,7 @@ class VirtualTokenHooks:
             return None
         # Only a positional None is the checkpointing model's doing; a keyword None is a
         # stack that takes no cache (T5's encoder) and stays as it is.
-        index = list(inspect.signature(module.forward).parameters).index("past_key_values")
+        index = _forward_parameters(type(module)).index(cache_keyword(module))
         if index < len(args) and args[index] is None:
             args = (*args[:index], self.stateless, *args[index + 1:])
         return args, kwargs
@@ -314,10 +342,10 @@ def add_prefix(model: nn.Module, hooks: VirtualTokenHooks, kwargs: dict, name: s
     mask_key = "decoder_attention_mask" if hooks.kind == "encoder_decoder" else "attention_mask"
     stateless = None
     if not hooks.continuing(kwargs, name, "prefix"):
-        cache = kwargs.get("past_key_values")
+        cache = hooks.cache(kwargs)
         if cache is not None and hooks.checkpointing_active(model):
             raise ValueError(
-                "prefix tuning with gradient checkpointing cannot fill a passed past_key_values in training mode; "
+                f"prefix tuning with gradient checkpointing cannot fill a passed {hooks.cache_key} in training mode; "
                 "call model.eval() (e.g. before generate()) or pass no cache"
             )
         if cache is None and _wants_cache(model, kwargs) and hooks.kind != "encoder":
@@ -327,7 +355,7 @@ def add_prefix(model: nn.Module, hooks: VirtualTokenHooks, kwargs: dict, name: s
             hooks.caches[cache] = name
         else:
             cache = stateless = _stateless_cache(kv, batch, hooks.kind)
-        kwargs["past_key_values"] = cache
+        kwargs[hooks.cache_key] = cache
     hooks.use_stateless(stateless)
     if hooks.kind == "encoder" and kwargs.get("attention_mask") is None:
         # Encoders size the attention mask from the 2-D mask, not from the cache: spell it out.
@@ -365,7 +393,7 @@ def add_prompt(model: nn.Module, hooks: VirtualTokenHooks, kwargs: dict, name: s
         _extend_mask(kwargs, "attention_mask", num, batch)
     labels = kwargs.get("labels")
     if labels is not None and labels.dim() >= 2 and labels.shape[1] == length and hooks.kind == "decoder":
-        ignore = torch.full((batch, num), -100, dtype=labels.dtype, device=labels.device)
+        ignore = torch.full((batch, num), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
         kwargs["labels"] = torch.cat([ignore, labels], dim=1)
     if kwargs.get("token_type_ids") is not None:
         types = kwargs["token_type_ids"]
@@ -382,9 +410,9 @@ def _remember_prompt_cache(model: nn.Module, hooks: VirtualTokenHooks, kwargs: d
     # Own the cache a decoder would create, so a later step passing it back is recognised.
     if hooks.kind != "decoder":
         return
-    cache = kwargs.get("past_key_values")
+    cache = hooks.cache(kwargs)
     if cache is None and _wants_cache(model, kwargs):
-        cache = kwargs["past_key_values"] = _new_cache(model, hooks.kind)
+        cache = kwargs[hooks.cache_key] = _new_cache(model, hooks.kind)
     if isinstance(cache, Cache):
         hooks.caches[cache] = name
 

@@ -117,10 +117,6 @@ class LoRALayer(AdapterLayer):
         branch = self.adapters[name]
         write_linear(self.base_layer, branch.variant.merged_weight(branch, self._weight()), safe=safe)
 
-    def _unfold(self, name: str) -> None:
-        branch = self.adapters[name]
-        write_linear(self.base_layer, branch.variant.unmerged_weight(branch, self._weight()), safe=False)
-
     def eject(self, merge: bool) -> nn.Module:
         if merge and is_quantized(self.base_layer):
             # dequantize -> merge: the result is a plain linear layer in the compute dtype

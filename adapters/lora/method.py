@@ -14,7 +14,7 @@ from tunekit.adapters.host import AdapterHost, ModulesToSave
 from tunekit.adapters.injection import find_targets, wrap_targets
 from tunekit.adapters.lora.config import LoRAConfig, lora_from_peft, lora_to_peft
 from tunekit.adapters.lora.layer import LoRABranch, LoRALayer
-from tunekit.adapters.registry import AdapterMethod, host_state, load_host_state
+from tunekit.adapters.registry import AdapterMethod, host_state, iter_hosts, load_host_state
 
 
 def resolve_targets(model: nn.Module, cfg: LoRAConfig) -> list[str] | str:
@@ -65,16 +65,24 @@ class LoRAMethod(AdapterMethod):
             yield p
 
     def _bias_params(self, model: nn.Module, cfg: LoRAConfig) -> dict[str, nn.Parameter]:
+        """Base biases that train too, by module: ``lora_only``: the wrapped layers' own;
+        ``all``: every module's, except adapters (they train as adapters) and the frozen
+        original inside a ``ModulesToSave`` (its trained copy holds the bias that counts).
+        Keys as ``named_parameters()`` spells them (PEFT's saved keys, after its prefix)."""
         if cfg.bias == "none":
             return {}
-        params = {}
-        for name, p in model.named_parameters():
-            if not name.endswith("bias") or ".adapters." in name:
-                continue
-            if cfg.bias == "all" or (name.endswith("base_layer.bias") and isinstance(
-                    model.get_submodule(name.rsplit(".", 2)[0]), LoRALayer)):
-                params[name] = p
-        return params
+        if cfg.bias == "lora_only":
+            owners = [(f"{path}.base_layer", host.base_layer) for path, host in iter_hosts(model)
+                      if isinstance(host, LoRALayer)]
+        else:
+            skip = set()
+            for _, host in iter_hosts(model):
+                skip.update(map(id, host.adapters.modules()))
+                if isinstance(host, ModulesToSave):
+                    skip.update(map(id, host.base_layer.modules()))
+            owners = [(path, m) for path, m in model.named_modules() if id(m) not in skip]
+        return {f"{path}.bias" if path else "bias": m.bias for path, m in owners
+                if isinstance(m._parameters.get("bias"), nn.Parameter)}
 
     def export_config(self, model: nn.Module, cfg: LoRAConfig) -> dict:
         fan_in_fan_out = any(
@@ -95,6 +103,12 @@ class LoRAMethod(AdapterMethod):
 
     def import_state(self, model: nn.Module, adapter_name: str, cfg: LoRAConfig, state: dict) -> None:
         state = strip_peft_prefix(state)
+        for path, host in iter_hosts(model):
+            if isinstance(host, ModulesToSave):
+                # PEFT's bias="all" also saves the frozen original's bias and a second copy of the
+                # trained one (<path>.original_module.bias, <path>.modules_to_save.bias); <path>.bias counts.
+                for key in [k for k in state if k.startswith((f"{path}.original_module.", f"{path}.modules_to_save."))]:
+                    del state[key]
         biases = self._bias_params(model, cfg)
         with torch.no_grad():
             for key in [k for k in state if k in biases]:

@@ -20,15 +20,14 @@ class LoRAVariant:
     def init(self, branch: nn.Module, weight: torch.Tensor) -> None:
         """Set up extra state from the base weight ``(out, in)``; plain LoRA has none."""
 
-    def delta_weight(self, branch: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        """The fp32 ``(out, in)`` delta that merging adds to ``weight``."""
+    @staticmethod
+    def low_rank_delta(branch: nn.Module) -> torch.Tensor:
+        """``s · B A`` in fp32, ``(out, in)``."""
         return branch.scaling * (branch.lora_B.weight.float() @ branch.lora_A.weight.float())
 
     def merged_weight(self, branch: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        return weight.float() + self.delta_weight(branch, weight)
-
-    def unmerged_weight(self, branch: nn.Module, merged: torch.Tensor) -> torch.Tensor:
-        return merged.float() - self.delta_weight(branch, merged)
+        """The fp32 ``(out, in)`` weight that merging writes in place of ``weight``."""
+        return weight.float() + self.low_rank_delta(branch)
 
     def forward(self, branch: nn.Module, x: torch.Tensor, base_out: torch.Tensor, base_layer, weight_fn) -> torch.Tensor:
         """Add this branch to ``base_out`` (``x`` already cast to the adapter dtype)."""
@@ -44,20 +43,12 @@ class DoRAVariant(LoRAVariant):
         branch.lora_magnitude_vector = nn.Parameter(norm.to(branch.lora_A.weight.dtype))
 
     def _weight_norm(self, branch: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        return (weight.float() + LoRAVariant.delta_weight(self, branch, weight)).norm(p=2, dim=1)
+        return (weight.float() + self.low_rank_delta(branch)).norm(p=2, dim=1)
 
     def merged_weight(self, branch: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        combined = weight.float() + LoRAVariant.delta_weight(self, branch, weight)
+        combined = weight.float() + self.low_rank_delta(branch)
         norm = combined.norm(p=2, dim=1).detach()
-        branch.merged_norm = norm  # kept to undo the merge exactly
         return (branch.lora_magnitude_vector.float() / norm).unsqueeze(1) * combined
-
-    def unmerged_weight(self, branch: nn.Module, merged: torch.Tensor) -> torch.Tensor:
-        scale = (branch.lora_magnitude_vector.float() / branch.merged_norm).unsqueeze(1)
-        return merged.float() / scale - LoRAVariant.delta_weight(self, branch, merged)
-
-    def delta_weight(self, branch: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        return self.merged_weight(branch, weight) - weight.float()
 
     def forward(self, branch: nn.Module, x: torch.Tensor, base_out: torch.Tensor, base_layer, weight_fn) -> torch.Tensor:
         weight = weight_fn().to(x.dtype)

@@ -15,7 +15,8 @@ Peak extra memory is O(C·V + N·H + |trainable head|) instead of O(N·V).
 
 Chunk-level work (softmax, loss, logit gradient) is a ``rows_fn`` supplied by
 the backend: PyTorch (``reference.py``) or Triton (``triton_impl.py``).
-Matmuls run in the input dtype; the weight/bias/LoRA gradients accumulate in fp32.
+Matmuls run in the input dtype (under ``torch.autocast``, in its dtype, as ``F.linear`` would);
+the weight/bias/LoRA gradients accumulate in fp32.
 Limits: no logit soft-capping or logit scaling; the loss is NaN when every
 label is ignored (as in PyTorch) while the gradients are then zero.
 """

@@ -105,7 +105,18 @@ def apply_linear_cross_entropy(rows_fn, hidden, weight, labels, bias, lora_a, lo
     if hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match head weight {tuple(weight.shape)}")
     chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
-    return LinearCrossEntropyFunction.apply(
-        hidden, weight, bias, lora_a, lora_b, labels, float(lora_scaling), opts, rows_fn, chunk,
-        torch.is_grad_enabled(),
-    )
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return LinearCrossEntropyFunction.apply(
+            hidden, weight, bias, lora_a, lora_b, labels, float(lora_scaling), opts, rows_fn, chunk,
+            torch.is_grad_enabled(),
+        )
+    # Under autocast, do what it does for the unfused ``F.linear``s: run the matmuls in the autocast
+    # dtype (the casts sit outside the Function, so autograd hands fp32 leaves fp32 gradients), and
+    # keep autocast out of the Function, whose in-place ops (``addmm_``) it cannot reach.
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [t.to(dtype) if t is not None else None for t in (hidden, weight, bias, lora_a, lora_b)]
+    with torch.autocast(device_type, enabled=False):
+        return LinearCrossEntropyFunction.apply(
+            *cast, labels, float(lora_scaling), opts, rows_fn, chunk, torch.is_grad_enabled(),
+        )

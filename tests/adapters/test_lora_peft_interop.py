@@ -9,6 +9,7 @@ import torch
 from _tiny import TINY_MODELS, model_output, tiny_inputs
 from _tolerances import FP32_EXACT, max_abs_diff
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 
 from tunekit.adapters import LoRAConfig, inject_adapters, load_adapters, save_adapters
 
@@ -138,5 +139,43 @@ def test_llama_classifier_with_a_trained_score_head_interoperates(tmp_path):
     _perturb(theirs)
     theirs.save_pretrained(tmp_path / "peft")
     loaded = fresh()
+    load_adapters(loaded, tmp_path / "peft")
+    assert max_abs_diff(model_output(loaded, inputs), model_output(theirs.eval(), inputs)) <= FP32_EXACT
+
+
+def _tunekit_name(peft_name: str) -> str:
+    """A PEFT parameter name (``get_peft_model(...).named_parameters()``) as tunekit spells it."""
+    name = peft_name.removeprefix("base_model.model.")
+    for part in ("lora_A", "lora_B", "lora_magnitude_vector"):
+        name = name.replace(f".{part}.default", f".adapters.default.{part}")
+    return name.replace(".modules_to_save.default.", ".adapters.default.")
+
+
+def test_bias_all_with_modules_to_save_trains_and_saves_what_peft_does(tmp_path):
+    """bias="all" beside a trained head: the frozen original head's bias is neither trained nor saved."""
+    peft_cfg = LoraConfig(r=4, target_modules=["query", "value"], bias="all", modules_to_save=["classifier"],
+                          task_type="SEQ_CLS", init_lora_weights=False)
+    theirs = get_peft_model(_fresh("bert"), peft_cfg)
+    ours = _fresh("bert")
+    inject_adapters(ours, LoRAConfig(rank=4, target_modules=["query", "value"], bias="all", init="random",
+                                     modules_to_save=["classifier"]))
+    peft_trainable = {_tunekit_name(n) for n, p in theirs.named_parameters() if p.requires_grad}
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == peft_trainable
+
+    _perturb(ours)
+    save_adapters(ours, tmp_path / "tunekit")
+    theirs.save_pretrained(tmp_path / "peft")
+    saved = set(load_file(tmp_path / "tunekit" / "adapter_model.safetensors"))
+    # PEFT also writes two copies it reads back itself: the original head's (unchanged) bias and a
+    # second copy of the trained one. Everything else is the same key set.
+    peft_saved = set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert saved == {k for k in peft_saved if not (".original_module." in k or ".modules_to_save." in k)}
+
+    inputs = tiny_inputs("bert")
+    loaded_by_peft = PeftModel.from_pretrained(_fresh("bert"), tmp_path / "tunekit").eval()
+    assert max_abs_diff(model_output(loaded_by_peft, inputs), model_output(ours, inputs)) <= FP32_EXACT
+    _perturb(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    loaded = _fresh("bert")
     load_adapters(loaded, tmp_path / "peft")
     assert max_abs_diff(model_output(loaded, inputs), model_output(theirs.eval(), inputs)) <= FP32_EXACT

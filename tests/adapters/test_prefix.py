@@ -7,6 +7,7 @@ Oracles: PEFT 0.21 (logits and generated tokens), transformers' own forward
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -30,6 +31,19 @@ from tunekit.adapters import (
 )
 
 peft = pytest.importorskip("peft")
+
+
+def _skip_where_peft_predates_the_cache_rename(arch: str) -> None:
+    """PEFT 0.21.2 passes prefixes as ``past_key_values``, which transformers 5.24 renamed to ``cache``:
+    there it refuses encoders ("does not support past key values") and its generate() drops the
+    prefix, so it is no oracle. tunekit's own checks in these tests still run first; a newer PEFT
+    is used again (and must then agree)."""
+    from packaging.version import Version
+    from transformers import LlamaForCausalLM
+
+    renamed = "past_key_values" not in inspect.signature(LlamaForCausalLM.forward).parameters
+    if renamed and Version(peft.__version__) <= Version("0.21.2"):
+        pytest.skip(f"PEFT {peft.__version__} predates transformers' past_key_values -> cache rename ({arch})")
 
 NO_DROPOUT = {
     "llama": {},
@@ -70,15 +84,19 @@ def test_peft_loads_tunekit_prefix(tmp_path, arch, projection):
     _perturb_head(model)
     save_adapters(model, tmp_path)
     ours = model_output(model, inputs)
+    assert max_abs_diff(ours, base_logits) > 1e-3
+    if arch == "bert":
+        _skip_where_peft_predates_the_cache_rename(arch)
     theirs = model_output(peft.PeftModel.from_pretrained(base, tmp_path).eval(), inputs)
     assert max_abs_diff(ours, theirs) <= FP32_EXACT
-    assert max_abs_diff(ours, base_logits) > 1e-3
 
 
 @pytest.mark.parametrize(("arch", "projection"), [
     ("llama", False), ("gpt2", True), ("bert", False), ("t5", False), ("t5", True),
 ])
 def test_tunekit_loads_peft_prefix(tmp_path, arch, projection):
+    if arch == "bert":
+        _skip_where_peft_predates_the_cache_rename(arch)
     model = _model(arch)
     ours = copy.deepcopy(model)
     cfg = peft.PrefixTuningConfig(task_type=TASKS[arch], num_virtual_tokens=3, prefix_projection=projection,
@@ -178,6 +196,7 @@ def test_generate_equals_greedy_full_forwards_and_peft(tmp_path, arch):
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     expected = greedy_by_full_forwards(model, inputs["input_ids"], inputs["attention_mask"], 5)
     assert torch.equal(out, expected)
+    _skip_where_peft_predates_the_cache_rename(arch)
     save_adapters(model, tmp_path)
     theirs = peft.PeftModel.from_pretrained(base, tmp_path).eval()
     theirs.generation_config.eos_token_id = None

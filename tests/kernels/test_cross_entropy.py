@@ -34,6 +34,10 @@ def oracle_loss(h, w, labels, b, a, bb, s, smoothing, z, reduction):
         logits = logits + b
     if a is not None:
         logits = logits + s * (h @ a.T) @ bb.T
+    return _loss_from_logits(logits, labels, smoothing, z, reduction)
+
+
+def _loss_from_logits(logits, labels, smoothing, z, reduction):
     loss = F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction=reduction)
     valid = labels != -100
     zl = (torch.logsumexp(logits, -1)[valid] ** 2).sum()
@@ -70,18 +74,25 @@ def test_fused_linear_ce_triton_on_gpu(case, dtype):
     _check(case, dtype, "cuda", "triton")
 
 
-def _check(case, dtype, device, which):
-    rows, bias, lora, smoothing, z, reduction, chunk, block = case
+def _case_with_oracle(case):
+    """(tensors, labels, loss options, names, fp64 oracle [loss, *grads]) for one CASES row."""
+    rows, bias, lora, smoothing, z, reduction, _, _ = case
     tensors, labels = _inputs(rows, bias, lora)
     opts = dict(label_smoothing=smoothing, z_loss=z, reduction=reduction)
     h, w, b, a, bb = tensors
     full = oracle_loss(h, w, labels, b, a, bb, 0.5, smoothing, z, reduction)
     oracle = [full, *grads(full, [t for t in tensors if t is not None])]
+    names = [n for n, t in zip(NAMES, [full, *tensors]) if t is not None]
+    return tensors, labels, opts, names, oracle
+
+
+def _check(case, dtype, device, which):
+    chunk, block = case[-2:]
+    tensors, labels, opts, names, oracle = _case_with_oracle(case)
     low, labels = leaves(tensors, dtype, device), labels.to(device)
     ref = _run(fused_linear_cross_entropy_ref, low, labels, chunk_size=chunk, **opts)
     with use_backend(which):
         out = _run(fused_linear_cross_entropy, low, labels, chunk_size=chunk, block=block, **opts)
-    names = [n for n, t in zip(NAMES, [full, *tensors]) if t is not None]
     for name, k, r, o in zip(names, out, ref, oracle):
         assert_kernel_bound(name, k, r, o, dtype)
 
@@ -145,3 +156,27 @@ def test_no_grad_computes_no_gradients():
         loss = apply_linear_cross_entropy(recording_rows, h, w, labels, None, None, None, 1.0, CEOptions(), 4)
     assert seen == [None, None] and not loss.requires_grad
     assert max_abs_diff(loss, F.cross_entropy(h @ w.T, labels)) <= FP32_EXACT
+
+
+def _unfused_linear_ce(h, w, labels, b, a, bb, s, label_smoothing, z_loss, reduction):
+    """What a model's head + loss computes: F.linear layers (autocast casts them), then fp32 CE."""
+    logits = F.linear(h, w, b)
+    if a is not None:
+        logits = logits + s * F.linear(F.linear(h, a), bb)
+    return _loss_from_logits(logits.float(), labels, label_smoothing, z_loss, reduction)
+
+
+@pytest.mark.parametrize("which", ["reference", "interpret"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_fused_linear_ce_under_bf16_autocast(case, which):
+    """fp32 head and LoRA under ``torch.autocast(bf16)``: runs (no addmm_ dtype clash) and stays
+    within the bound of the unfused bf16-autocast head, for the loss and every fp32 gradient."""
+    chunk, block = case[-2:]
+    tensors, labels, opts, names, oracle = _case_with_oracle(case)
+    low = leaves(tensors, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unfused = _run(_unfused_linear_ce, low, labels, **opts)
+        with use_backend(which):
+            out = _run(fused_linear_cross_entropy, low, labels, chunk_size=chunk, block=block, **opts)
+    for name, k, r, o in zip(names, out, unfused, oracle):
+        assert_kernel_bound(name, k, r, o, torch.bfloat16)

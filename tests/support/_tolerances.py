@@ -24,3 +24,10 @@ BF16_COMPUTE = 5e-3
 FLASH_LSE = {torch.float32: 1e-5, torch.float16: 1e-3}
 # bitsandbytes' 8-bit forward (inputs cast to fp16, int8 matmul) vs a dequantized fp32 weight.
 INT8_COMPUTE = 2e-2
+# Merged vs unmerged logits of a bf16 tiny model (2 layers, every linear LoRA-wrapped): the merged
+# weight is rounded once to bf16 (2^-9 relative); measured up to 5.4e-3 on logits of magnitude ~0.4.
+BF16_MERGE = 1e-2
+# A tiny Llama's loss and adapter gradients, fused head + CE vs the unfused head, both under bf16
+# autocast: the two round the (B, T, V) logits to bf16 in different orders (measured up to 5.9e-3
+# over 5 seeds; a bf16 ulp of the ~4-magnitude logits is 1.6e-2).
+BF16_AUTOCAST_LOSS = 2e-2

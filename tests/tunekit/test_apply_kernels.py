@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _tiny import VOCAB, tiny_gpt2, tiny_inputs, tiny_llama
-from _tolerances import FP32_EXACT, max_abs_diff
+from _tolerances import BF16_AUTOCAST_LOSS, FP32_EXACT, max_abs_diff
 from transformers import (
     GemmaConfig,
     GemmaForCausalLM,
@@ -163,3 +163,16 @@ def test_full_kernel_stack_under_the_interpreter_matches_stock_llama():
     with use_backend("interpret"):
         got = _loss_and_grads(fast, batch, fused_causal_lm_loss)
     _assert_same(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-base", "bf16-base"])
+def test_fused_causal_lm_loss_with_lora_on_lm_head_under_bf16_autocast(dtype):
+    """As the trainer runs bf16 mixed precision: loss and fp32 adapter grads within bf16 of model(...).loss."""
+    model, batch = tiny_llama().to(dtype), _batch()
+    inject_adapters(model, LoRAConfig(rank=4, target_modules=["lm_head", "q_proj"], init="random"))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = _loss_and_grads(model, batch, fused_causal_lm_loss)
+        unfused = _loss_and_grads(model, batch)
+    assert all(g.dtype == torch.float32 for g in fused[1])
+    _assert_same(fused, unfused, tol=BF16_AUTOCAST_LOSS)

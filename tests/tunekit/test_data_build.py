@@ -1,6 +1,7 @@
 """build_dataset: bad-row accounting, errors, eval split, truncation, order, storage."""
 
 import logging
+from pathlib import Path
 
 import pytest
 from _tiny import tiny_tokenizer, write_rows
@@ -17,7 +18,7 @@ def _texts(n: int, width: int = 1) -> list[dict]:
 def test_bad_rows_counted_by_reason_and_logged(tmp_path, caplog):
     path = tmp_path / "t.jsonl"
     path.write_text('{"text": "ok"}\n{"text": \n[1, 2]\n{"body": "x"}\n{"text": "  "}\n{"text": 5}\n'
-                    '{"text": "fine"}\n')
+                    '{"text": "fine"}\n', encoding="utf-8")
     with caplog.at_level(logging.INFO, logger="tunekit.data"):
         bundle = build_dataset(DataConfig(train_files=[str(path)]), tiny_tokenizer())
     stats = bundle.stats.train
@@ -25,7 +26,26 @@ def test_bad_rows_counted_by_reason_and_logged(tmp_path, caplog):
     assert stats.bad_rows == {"invalid json": 1, "not an object": 1, "missing field 'text'": 1,
                               "empty field 'text'": 1, "field 'text' not text": 1}
     assert stats.tokens == 2 * 4 + 2 and stats.loss_tokens == stats.tokens - 2
-    assert "missing field 'text': 1" in caplog.text and caplog.records[-1].levelno == logging.WARNING
+    # logged at INFO, not shown: the caller shows the summary (finetune prints it, once)
+    assert "missing field 'text': 1" in caplog.text and caplog.records[-1].levelno == logging.INFO
+
+
+def test_finetune_shows_the_data_summary_once_with_skipped_rows(tmp_path, capsys, monkeypatch):
+    from _tiny_runs import run_config
+
+    import tunekit
+
+    cfg = run_config(tmp_path, "causal_lm", steps=1)
+    train = Path(cfg["data"]["train_files"][0])
+    train.write_text(train.read_text(encoding="utf-8") + '{"instruction": "no output"}\n', encoding="utf-8")
+    # logging as a plain `tunekit finetune` has it: no handlers, so warnings reach stderr (pytest's own
+    # capture handlers would swallow them)
+    monkeypatch.setattr(logging.root, "handlers", [])
+    capsys.readouterr()
+    tunekit.finetune(cfg)
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if line.startswith("data train:")]
+    assert len(lines) == 1 and "missing field 'output': 1" in lines[0]
 
 
 def test_zero_usable_rows_names_source_and_field(tmp_path):
@@ -38,7 +58,7 @@ def test_missing_file_and_unknown_extension_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data.train_files: file not found: .*nope.jsonl"):
         build_dataset(DataConfig(train_files=[str(tmp_path / "nope.jsonl")]), tiny_tokenizer())
     odd = tmp_path / "t.dat"
-    odd.write_text("x")
+    odd.write_text("x", encoding="utf-8")
     with pytest.raises(ValueError, match="set data.file_format"):
         build_dataset(DataConfig(train_files=[str(odd)]), tiny_tokenizer())
 

@@ -45,7 +45,7 @@ def test_text_format_reads_each_file_type(tmp_path, ext):
 
 def test_file_format_overrides_extension(tmp_path):
     path = tmp_path / "data.log"
-    path.write_text('{"text": "ab"}\n')
+    path.write_text('{"text": "ab"}\n', encoding="utf-8")
     bundle = build_dataset(DataConfig(train_files=[str(path)], file_format="jsonl"), tiny_tokenizer())
     assert bundle.train[0]["input_ids"] == [BOS, *ids("ab"), EOS]
 
@@ -106,7 +106,7 @@ def test_chat_labels_only_assistant_turns(tmp_path, template, turn_end):
 def test_chat_from_csv_json_strings_and_template_file(tmp_path):
     path = write_rows(tmp_path / "c.csv", [{"messages": json.dumps(CONVERSATION[1:3])}])
     template_file = tmp_path / "t.jinja"
-    template_file.write_text(TINY_CHAT_TEMPLATE)
+    template_file.write_text(TINY_CHAT_TEMPLATE, encoding="utf-8")
     cfg = DataConfig(train_files=[path], format="chat", chat_template=str(template_file))
     row = build_dataset(cfg, tiny_tokenizer(chat_template=None)).train[0]
     assert [t for t in row["labels"] if t != IGN] == ids("yo<|end|>\n")

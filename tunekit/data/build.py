@@ -181,6 +181,14 @@ def _pad_id(tokenizer) -> int:
     return pad
 
 
+def collator_for(task: str, tokenizer) -> Collator:
+    """The collate function of a task (``causal_lm``, ``seq_cls``, ``seq2seq``): classification rows
+    follow ``tokenizer.padding_side`` (``tunekit.load_model`` sets it left for decoder classifiers),
+    the others pad on the right."""
+    side = getattr(tokenizer, "padding_side", "right") if task == "seq_cls" else "right"
+    return Collator(_pad_id(tokenizer), task, side)
+
+
 def build_dataset(cfg: DataConfig, tokenizer, *, seed: int = 0) -> DataBundle:
     """Read, format, tokenize (and pack) the data of ``cfg``.
 
@@ -197,8 +205,11 @@ def build_dataset(cfg: DataConfig, tokenizer, *, seed: int = 0) -> DataBundle:
         ValueError: no usable rows in a source (names it), no labels found, no chat template,
             a tokenizer without pad/eos token.
         FileNotFoundError: a listed file does not exist.
+
+    The statistics (``bundle.stats.summary()``, skipped rows by reason) are logged at INFO on
+    ``tunekit.data``, not shown; ``finetune`` prints them.
     """
-    pad_id = _pad_id(tokenizer)
+    _pad_id(tokenizer)  # fails before reading anything
     train_rows = read_rows(cfg, "train")
     eval_rows = read_rows(cfg, "eval") if has_eval_source(cfg) else None
     label_names = None
@@ -212,8 +223,8 @@ def build_dataset(cfg: DataConfig, tokenizer, *, seed: int = 0) -> DataBundle:
     train, train_stats = _build_split(train_rows, "train", cfg, encoder)
     evaluation, eval_stats = _build_split(eval_rows, "eval", cfg, encoder) if eval_rows is not None else (None, None)
     stats = DataStats(train_stats, eval_stats)
-    skipped = train_stats.bad_rows or (eval_stats is not None and eval_stats.bad_rows)
-    logger.log(logging.WARNING if skipped else logging.INFO, stats.summary())
-    return DataBundle(train=train, eval=evaluation, collate=Collator(pad_id, cfg.task), stats=stats,
+    # Logged, not shown: the caller shows `stats.summary()` once (finetune prints it), skipped rows included.
+    logger.info(stats.summary())
+    return DataBundle(train=train, eval=evaluation, collate=collator_for(cfg.task, tokenizer), stats=stats,
                       task=cfg.task, label_names=label_names,
                       group_size=cfg.length_group_size if cfg.group_by_length else None)

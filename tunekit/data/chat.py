@@ -13,8 +13,13 @@ Two ways to find which tokens the assistant wrote:
 
    The span holds the reply and the end-of-turn marker (so the model learns to
    stop). The full text is tokenized once, and a token is an assistant token when
-   its first character lies in a span (character offsets from the fast tokenizer),
-   so the ids are exactly those the model sees at inference. Templates that render
+   its characters overlap a span (character offsets from the fast tokenizer). With
+   byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) the reply's first word often
+   shares a token with the space before it (``"Ġyes"`` for ``": " + "yes"``); that
+   token starts in the prompt but carries the reply, so it is learned, as
+   transformers' ``return_assistant_tokens_mask`` marks it for tagged templates.
+   The ids are those the model sees at inference (``prompt_ids``: the rendering up
+   to the generation prompt, tokenized the same way). Templates that render
    earlier turns differently once later turns exist (``before`` is not a prefix of
    the full text) cannot be split this way; such rows are counted as bad, and the
    fix is to add generation tags to the template.
@@ -111,5 +116,23 @@ class ChatEncoder:
                 raise SkipRow(NOT_PREFIX_STABLE)
             spans.append((len(before), len(after)))
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        mask = [int(any(a <= start < b for a, b in spans)) for start, _ in enc["offset_mapping"]]
+        mask = [int(_overlaps(start, end, spans)) for start, end in enc["offset_mapping"]]
         return list(enc["input_ids"]), mask
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of the turns before the first assistant reply plus the generation prompt: what the
+        model is given at inference (tokenized as ``encode`` tokenizes, without added special tokens).
+
+        Raises:
+            SkipRow: the template rejects the messages.
+        """
+        first_reply = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+        text = self._render(messages[:first_reply], tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _overlaps(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    """Whether the token at characters ``[start, end)`` overlaps one of the ``[a, b)`` spans."""
+    if start == end:  # a zero-width token (a special token, or whitespace a tokenizer trimmed away)
+        return any(a <= start < b for a, b in spans)
+    return any(start < b and end > a for a, b in spans)

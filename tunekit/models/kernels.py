@@ -30,44 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunekit.adapters.hf.arch import KernelModules, arch_column, supporting
+from tunekit.adapters.hf.tasks import IGNORE_INDEX
+from tunekit.adapters.injection import replace_module
 from tunekit.kernels import fused_linear_cross_entropy, glu, rmsnorm
 
 OPS = ("rmsnorm", "swiglu", "rope")
-IGNORE_INDEX = -100
 _ROPE_REASON = (
     "transformers calls apply_rotary_pos_emb as a module-level function inside each attention forward; "
     "replacing it needs monkey-patching, which tunekit does not do. Call tunekit.kernels.rope in your own attention"
 )
 
 
-@dataclass(frozen=True)
-class KernelSpec:
-    """Where the swappable modules of one architecture are, and their numerics."""
-
-    module: str
-    """transformers module defining the classes."""
-    norm: str
-    """RMSNorm class name."""
-    mlp: str
-    """Gated MLP class name (``gate_proj``/``up_proj``/``down_proj``/``act_fn``)."""
-    act_key: str
-    """Config field naming the MLP activation."""
-    norm_offset: float = 0.0
-    """1.0 where the norm computes ``x̂ · (1 + w)`` (Gemma)."""
-    casting: str = "llama"
-    """RMSNorm rounding order (see ``tunekit.kernels.rmsnorm_ref``)."""
-
-
-_T = "transformers.models."
-SPECS: dict[str, KernelSpec] = {
-    "llama": KernelSpec(_T + "llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP", "hidden_act"),
-    "mistral": KernelSpec(_T + "mistral.modeling_mistral", "MistralRMSNorm", "MistralMLP", "hidden_act"),
-    "qwen2": KernelSpec(_T + "qwen2.modeling_qwen2", "Qwen2RMSNorm", "Qwen2MLP", "hidden_act"),
-    "qwen3": KernelSpec(_T + "qwen3.modeling_qwen3", "Qwen3RMSNorm", "Qwen3MLP", "hidden_act"),
-    "gemma": KernelSpec(_T + "gemma.modeling_gemma", "GemmaRMSNorm", "GemmaMLP", "hidden_act", 1.0, "gemma"),
-    "gemma2": KernelSpec(_T + "gemma2.modeling_gemma2", "Gemma2RMSNorm", "Gemma2MLP", "hidden_activation", 1.0,
-                         "gemma"),
-}
 # transformers activation names -> tunekit gated activations
 _ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -134,23 +108,19 @@ class TunekitGatedMLP(nn.Module):
         return f"act={self.act}"
 
 
-def kernel_spec(model: nn.Module) -> KernelSpec:
-    """The table row for ``model``; a clear error for architectures without one."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SPECS:
+def kernel_spec(model: nn.Module) -> KernelModules:
+    """The ``kernels`` column of ``model``'s row in ``adapters/hf/arch.py``; a clear error where it has none."""
+    spec = arch_column(model, "kernels")
+    if spec is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise ValueError(
-            f"tunekit kernels do not support model_type {model_type!r} (supported: {sorted(SPECS)}); "
+            f"tunekit kernels do not support model_type {model_type!r} (supported: {supporting('kernels')}); "
             "set model.kernels: false and train.fused_cross_entropy: false"
         )
-    return SPECS[model_type]
+    return spec
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def _mlp_act(model: nn.Module, spec: KernelSpec) -> str:
+def _mlp_act(model: nn.Module, spec: KernelModules) -> str:
     name = getattr(model.config, spec.act_key, None)
     if name not in _ACTS:
         raise ValueError(
@@ -164,7 +134,7 @@ def apply_kernels(model: nn.Module, ops: tuple[str, ...] = ("rmsnorm", "swiglu")
     """Swap supported submodules of a loaded HF model for kernel-backed ones, in place.
 
     Args:
-        model: a transformers model whose ``config.model_type`` is in ``SPECS``.
+        model: a transformers model whose row in ``adapters/hf/arch.py`` has ``kernels``.
         ops: any of ``"rmsnorm"``, ``"swiglu"`` (SwiGLU or GeGLU MLPs), ``"rope"`` (reported as skipped).
 
     Returns:
@@ -191,7 +161,7 @@ def apply_kernels(model: nn.Module, ops: tuple[str, ...] = ("rmsnorm", "swiglu")
     for op, cls, make in targets:
         names = [name for name, m in model.named_modules() if type(m) is cls]
         for name in names:
-            _set_module(model, name, make(model.get_submodule(name)))
+            replace_module(model, name, make(model.get_submodule(name)))
         report.swapped[op] = names
     if targets and not any(report.swapped.values()):
         raise ValueError(f"apply_kernels found no {[c.__name__ for _, c, _ in targets]} in the model; "
@@ -203,7 +173,7 @@ def revert_kernels(model: nn.Module) -> int:
     """Put back the original HF modules (with current parameters/children); returns how many were restored."""
     names = [name for name, m in model.named_modules() if isinstance(m, (TunekitRMSNorm, TunekitGatedMLP))]
     for name in names:
-        _set_module(model, name, model.get_submodule(name).restore())
+        replace_module(model, name, model.get_submodule(name).restore())
     return len(names)
 
 
@@ -266,7 +236,7 @@ def fused_causal_lm_loss(
     position is ignored); virtual tokens a prompt-tuning host prepends are ignored.
 
     Args:
-        model: a supported causal LM (``SPECS``), optionally wrapped (DDP ``.module``).
+        model: a supported causal LM (``kernel_spec``), optionally wrapped (DDP ``.module``).
         batch: model inputs plus ``labels`` (B, T) with -100 for masked positions.
         label_smoothing, z_loss, chunk_size: see ``tunekit.kernels.fused_linear_cross_entropy``.
 

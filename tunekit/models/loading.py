@@ -24,17 +24,12 @@ import torch
 from torch import nn
 
 from tunekit.adapters.hf.layers import keep_4bit_layout_trainable
+from tunekit.adapters.hf.tasks import TASKS
 from tunekit.models.config import ModelConfig
 
 __all__ = ["TASKS", "load_model", "load_tokenizer", "resolve_source"]
 
 _DTYPES: dict[str, Any] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
-# task -> transformers auto class name
-TASKS = {
-    "causal_lm": "AutoModelForCausalLM",
-    "seq_cls": "AutoModelForSequenceClassification",
-    "seq2seq": "AutoModelForSeq2SeqLM",
-}
 
 
 def resolve_source(name: str, key: str = "model.name_or_path") -> str:
@@ -117,7 +112,7 @@ def _model_config(cfg: ModelConfig, source: str | None, task: str, label_names: 
 def _instantiate(cfg: ModelConfig, source: str | None, config, task: str, new_head: bool) -> nn.Module:
     import transformers
 
-    auto = getattr(transformers, TASKS[task])
+    auto = getattr(transformers, TASKS[task].auto_class)
     kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype]}
     if cfg.attn_implementation is not None:
         kwargs["attn_implementation"] = _attention(cfg.attn_implementation)
@@ -135,7 +130,7 @@ def _instantiate(cfg: ModelConfig, source: str | None, config, task: str, new_he
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise ValueError(f"model {source or cfg.model_type!r} ({config.model_type}) has no {task} head in "
-                             f"transformers ({TASKS[task]}); pick another model or model.task") from None
+                             f"transformers ({TASKS[task].auto_class}); pick another model or model.task") from None
         raise ValueError(f"model.name_or_path={source!r}: {_first_line(err)}") from None
     except OSError as err:
         raise ValueError(f"model.name_or_path={source!r}: cannot load weights ({_first_line(err)})") from None
@@ -204,6 +199,11 @@ def load_model(cfg: ModelConfig, *, task: str, num_labels: int | None = None,
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # a pad token was added
     model.config.pad_token_id = tokenizer.pad_token_id
+    if task == "seq_cls":
+        # Decoder classifiers (transformers names their head `score`) pool the last position when
+        # the input arrives as embeddings (prompt tuning): left padding keeps a real token there.
+        # Encoders pool the first token. tunekit.data's collate follows this setting.
+        tokenizer.padding_side = "left" if hasattr(model, "score") else "right"
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.quantization is not None:

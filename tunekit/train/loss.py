@@ -20,8 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
-TASKS = ("causal_lm", "seq_cls", "seq2seq")
+from tunekit.adapters.hf.tasks import IGNORE_INDEX, TASKS
 
 
 def target_count(batch: dict[str, torch.Tensor], task: str) -> int:

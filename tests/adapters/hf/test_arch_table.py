@@ -1,5 +1,6 @@
 """Every row of the per-architecture table works on a tiny model of that architecture:
-LoRA with the default targets (PEFT's) and bottleneck adapters with the default placement."""
+LoRA with the default targets (PEFT's), bottleneck adapters with the default placement,
+prefix tuning where the row says so, and the kernel-swappable classes it names."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import transformers as tf
 from _tiny import VOCAB
 from _tolerances import FP32_EXACT, max_abs_diff
 
-from tunekit.adapters import BottleneckConfig, LoRAConfig, inject_adapters
-from tunekit.adapters.hf.arch import ARCHS
+from tunekit.adapters import BottleneckConfig, LoRAConfig, PrefixConfig, inject_adapters
+from tunekit.adapters.hf.arch import ARCHS, supporting
 
 _DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0)
@@ -72,3 +73,27 @@ def test_bottleneck_default_placement_is_identity_at_init(arch, variant):
     report = inject_adapters(model, BottleneckConfig(variant=variant, hidden_size=4))
     assert len(report.wrapped) >= 4  # attention and MLP of 2 blocks (Houlsby)
     assert max_abs_diff(_logits(model, inputs), base) <= FP32_EXACT
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_virtual_tokens_column_says_which_models_take_a_prefix(arch):
+    torch.manual_seed(0)
+    model = BUILDERS[arch]().eval()
+    inputs = _inputs(arch)
+    if ARCHS[arch].virtual_tokens is None:
+        with pytest.raises(ValueError, match=f"does not support model_type '{arch}'"):
+            inject_adapters(model, PrefixConfig(num_virtual_tokens=2))
+        return
+    base = _logits(model, inputs)
+    inject_adapters(model, PrefixConfig(num_virtual_tokens=2))
+    adapted = _logits(model, inputs)
+    assert torch.isfinite(adapted).all() and max_abs_diff(adapted, base) > FP32_EXACT
+
+
+@pytest.mark.parametrize("arch", supporting("kernels"))
+def test_kernels_column_names_the_classes_transformers_builds(arch):
+    spec = ARCHS[arch].kernels
+    model = BUILDERS[arch]()
+    built = {(type(m).__module__, type(m).__name__) for m in model.modules()}
+    assert {(spec.module, spec.norm), (spec.module, spec.mlp)} <= built
+    assert getattr(model.config, spec.act_key) in ("silu", "gelu_pytorch_tanh")
