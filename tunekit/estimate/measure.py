@@ -137,13 +137,11 @@ def real_model(spec: Any, device: str = "cpu", seed: int = 0) -> nn.Module:
     transformers' bitsandbytes path (quantization needs weights), then prepared
     as tunekit prepares it.
     """
-    import transformers
-
     from tunekit.adapters import inject_adapters
-    from tunekit.estimate.model import DTYPES, bnb_config, replica_config
-    from tunekit.models.loading import TASKS, prepare_quantized
+    from tunekit.estimate.model import DTYPES, auto_class, bnb_config, replica_config
+    from tunekit.models.loading import prepare_quantized
 
-    auto = getattr(transformers, TASKS[spec.task])
+    auto = auto_class(spec.task)
     kwargs = {"attn_implementation": spec.attn} if spec.attn else {}
     torch.manual_seed(seed)
     model = auto.from_config(replica_config(spec, None, 1), dtype=DTYPES[spec.dtype], **kwargs)

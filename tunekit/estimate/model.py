@@ -117,12 +117,17 @@ def replica_config(spec: ModelSpec, layers: dict[str, int] | None = None, tp: in
     return config
 
 
-def _instantiate(spec: ModelSpec, config: Any) -> nn.Module:
+def auto_class(task: str) -> Any:
+    """transformers' Auto class of ``task``'s head (tunekit's one task table)."""
     import transformers
 
     from tunekit.models.loading import TASKS
 
-    auto = getattr(transformers, TASKS[spec.task])
+    return getattr(transformers, TASKS[task].auto_class)
+
+
+def _instantiate(spec: ModelSpec, config: Any) -> nn.Module:
+    auto = auto_class(spec.task)
     kwargs = {"attn_implementation": spec.attn} if spec.attn else {}
     try:
         with torch.device("meta"):
@@ -130,7 +135,7 @@ def _instantiate(spec: ModelSpec, config: Any) -> nn.Module:
     except ValueError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "Unrecognized configuration class" in first:
-            raise ValueError(f"{config.model_type} has no {spec.task} head in transformers ({TASKS[spec.task]}); "
+            raise ValueError(f"{config.model_type} has no {spec.task} head in transformers ({auto.__name__}); "
                              "pick another task") from None
         raise ValueError(f"{config.model_type}: {first}") from None
 
