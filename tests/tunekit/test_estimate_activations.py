@@ -117,3 +117,25 @@ def test_tensor_parallel_replica_divides_the_per_block_activations():
     assert two.per_block["num_hidden_layers"] < one.per_block["num_hidden_layers"]
     with pytest.raises(ValueError, match="does not divide num_attention_heads=4"):
         profile_activations(spec, shape, tp=3)
+
+
+def test_a_simulation_failure_names_the_model_and_keeps_the_cause(monkeypatch):
+    import tunekit.estimate.activations as activations
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("aten::something has no fake kernel")
+
+    monkeypatch.setattr(activations, "simulate_step", broken)
+    monkeypatch.setattr(activations, "_PROFILES", {})  # no cached profile may answer instead
+    spec = ModelSpec(tiny_llama(num_hidden_layers=3).config, "causal_lm", adapter=LoRAConfig(rank=3))
+    with pytest.raises(RuntimeError, match="this llama model could not be simulated") as info:
+        profile_activations(spec, StepShape(1, 8))
+    assert isinstance(info.value.__cause__, NotImplementedError)
+
+
+def test_run_settings_the_model_cannot_train_with_are_input_errors():
+    spec = ModelSpec(Gemma2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8),
+                     "causal_lm", adapter=LoRAConfig(), attn="eager")
+    with pytest.raises(ValueError, match="final_logit_softcapping"):  # the fused loss refuses it, as training does
+        profile_activations(spec, StepShape(1, 8, fused_cross_entropy=True))

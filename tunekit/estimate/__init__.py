@@ -15,8 +15,8 @@ Example:
     >>> spec = ModelSpec(config, task="causal_lm", dtype="bf16", adapter=LoRAConfig(rank=4))
     >>> result = plan(spec, RunSettings(StepShape(batch=2, seq_len=64, mixed_precision="bf16")),
     ...               Devices(count=1, memory=2**30))
-    >>> result.recommended.layout.strategy, result.model["trainable"]
-    ('none', 4096)
+    >>> result.recommended.layout.strategy, result.model["trainable"]  # 4 layers x r4 x ((64+64) + (64+32))
+    ('none', 3584)
 """
 
 from importlib import import_module

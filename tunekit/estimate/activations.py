@@ -290,7 +290,16 @@ def _profile(spec: ModelSpec, shape: StepShape, tp: int) -> ActivationProfile:
     full = num_layers(spec.config)
 
     def run(layers: dict[str, int]) -> StepTrace:
-        return simulate_step(build_model(spec, layers=layers, tp=tp), spec.task, shape, spec.quantization)
+        model = build_model(spec, layers=layers, tp=tp)
+        try:
+            return simulate_step(model, spec.task, shape, spec.quantization)
+        except ValueError:  # the run cannot work as set up (no checkpointing support, fused loss + soft-capping)
+            raise
+        except Exception as err:  # noqa: BLE001 - code the simulation runs, not the user's input, failed
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise RuntimeError(f"the training step of this {spec.config.model_type} model could not be simulated "
+                               f"on fake tensors ({type(err).__name__}: {first}); try another --attn, or report "
+                               "it with --debug's traceback") from err
 
     ref = run(base)
     activations, peak, per_block = ref.activations, ref.peak, {}
