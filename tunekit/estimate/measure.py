@@ -188,14 +188,11 @@ def padded_batch(task: str, shape: Any, vocab: int, seed: int = 0) -> dict[str, 
 
 def check_estimate(spec: Any, settings: Any, device: str = "cpu") -> tuple[int, Measurement]:
     """(estimated single-device peak, measured peak) of one training step of ``spec`` on this machine."""
-    from tunekit.estimate.planner import Devices, Layout, _Context, breakdown
-    from tunekit.estimate.model import build_model, inventory, tp_placements
+    from tunekit.estimate.planner import Devices, plan
     from tunekit.train import TrainConfig
 
-    meta = build_model(spec)
-    ctx = _Context(spec, settings, Devices(1, 2**50, None, 1, "cpu" if device == "cpu" else "cuda", 0.0),
-                   inventory(meta), tp_placements(meta))
-    estimated = breakdown(Layout("none"), ctx).peak
+    one_device = Devices(1, 2**50, None, 1, "cpu" if device == "cpu" else "cuda", 0.0)
+    estimated = plan(spec, settings, one_device, advise=False).rows[0].peak  # the single-device layout
     shape = settings.shape
     train_cfg = TrainConfig(optimizer=settings.optimizer, mixed_precision=shape.mixed_precision,
                             gradient_checkpointing=shape.grad_checkpointing,
