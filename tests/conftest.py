@@ -3,7 +3,8 @@
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Forced, not defaulted: a shell with HF_HUB_OFFLINE=0 must not let the suite reach the network.
+os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 try:
     import torch

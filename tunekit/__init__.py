@@ -18,6 +18,8 @@ _LAZY = {
     "build_dataset": "tunekit.data",
     "Trainer": "tunekit.train",
     "apply_kernels": "tunekit.models.kernels",
+    "push_to_hub": "tunekit.hub",
+    "plot_metrics": "tunekit.plot",
 }
 
 __all__ = ["__version__", *_LAZY]

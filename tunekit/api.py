@@ -1,16 +1,21 @@
 """``tunekit.finetune``: one call from a config to a trained, saved adapter.
 
-    config -> validate -> load model + tokenizer -> build data -> inject adapter
-           -> evaluate (before) -> Trainer.fit -> save adapter [+ merged model]
+    config -> validate -> load model + tokenizer -> build data -> inject adapter -> Trainer
+           -> (nothing written before here) -> evaluate (before) -> Trainer.fit
+           -> save adapter [+ merged model]
 
-Everything is validated before the model loads. The run folder
-(``output.dir``) gets::
+The config is validated before the model loads; the model, tokenizer, data,
+adapter targets and resume checkpoint (``Trainer`` checks the run folder and
+a changed config) before anything is written, so a command that fails leaves
+the run folder as it was. The run folder (``output.dir``) gets::
 
     resolved_config.yaml     the config as run (loads back to the same config)
     adapter/                 the adapter (PEFT's format where the method allows) + tunekit_base.json
     merged/                  base with the adapter merged in (output.save_merged)
-    base/                    the random-initialised base (model.from_config only)
-    metrics.jsonl            the trainer's log; results.json: metrics before/after
+    base/                    the random-initialised base (model.from_config only; a resumed run
+                             reloads it, never rebuilds it)
+    metrics.jsonl            the trainer's log
+    results.json             eval metrics before / after training, and the last training-step metrics
 
 Example:
     >>> from tunekit import finetune
@@ -22,6 +27,8 @@ Example:
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +36,7 @@ from typing import Any
 
 import torch
 
-from tunekit.config import FinetuneConfig, config_to_yaml, load_config, task_for
+from tunekit.config import ConfigError, FinetuneConfig, config_to_yaml, load_config, task_for
 
 __all__ = ["BASE_INFO_NAME", "FinetuneResult", "finetune"]
 
@@ -43,7 +50,8 @@ class FinetuneResult:
     """What a run produced."""
 
     metrics: dict[str, float]
-    """Final evaluation metrics (the last training-step metrics when there is no eval data)."""
+    """Final evaluation metrics; without eval data, the last logged training-step metrics
+    (``metrics_split`` says which)."""
     metrics_before: dict[str, float] | None
     """Evaluation metrics before training (``output.eval_before`` and eval data), else None."""
     output_dir: Path
@@ -60,27 +68,56 @@ class FinetuneResult:
     """The trainer's ``TrainResult`` (steps, tokens/s, history, ...)."""
     interrupted: bool = False
     """Stopped by SIGINT/SIGTERM: a checkpoint was saved, no final adapter; rerun to resume."""
+    metrics_split: str = "eval"
+    """"eval" (``metrics`` are evaluation metrics) or "train" (no eval data: the last training step's)."""
 
 
 def _check_runnable(cfg: FinetuneConfig) -> None:
     # Config sections that exist for the whole toolkit but have no engine behind
     # `finetune` in this version fail here, before anything heavy runs.
+    from tunekit.train.runtime import external_launch_problem
+
     if cfg.distributed.strategy != "none":
-        raise ValueError(f"distributed.strategy={cfg.distributed.strategy!r} is not wired into finetune in this "
-                         "version; use distributed.strategy: none")
-    if cfg.hub.push:
-        raise ValueError("hub.push=true is not available in this version; upload output.dir/adapter with "
-                         "`huggingface-cli upload` and set hub.push: false")
+        raise ConfigError([f"distributed.strategy={cfg.distributed.strategy!r} is not wired into finetune in this "
+                           "version; use distributed.strategy: none"])
+    if cfg.hub.push:  # offline, no token, bad repo id, no write access: fail now, not after training
+        from tunekit.hub import check_push_config
+
+        check_push_config(cfg.hub)
+    if problem := external_launch_problem():
+        raise ConfigError([problem])
 
 
-def _base_record(cfg: FinetuneConfig, out: Path, model, tokenizer, task: str, labels) -> dict[str, Any]:
-    """The base-model record for ``tunekit_base.json``; saves a from_config base under out/base."""
+def _saved_base(cfg: FinetuneConfig, out: Path) -> Path | None:
+    """The ``base/`` folder a resumed ``model.from_config`` run must reload (None: build a new base).
+
+    Its checkpoints were trained on that random base; rebuilding it (another seed, another
+    torch version) would put different weights under the resumed adapter.
+    """
+    from tunekit.train import read_checkpoint, resolve_resume
+
+    if not cfg.model.from_config:
+        return None
+    checkpoint = resolve_resume(cfg.train.resume, out)
+    if checkpoint is None:
+        return None
+    base_dir = checkpoint.parents[1] / "base"  # <run>/checkpoints/step-N -> <run>/base
+    saved_model = read_checkpoint(checkpoint).config.get("model")
+    if saved_model is not None and saved_model != cfg.model.model_dump(mode="json"):
+        changed = sorted(k for k, v in cfg.model.model_dump(mode="json").items() if saved_model.get(k) != v)
+        raise ValueError(f"resuming from {checkpoint}: model.{', model.'.join(changed)} changed, but a resumed "
+                         f"model.from_config run keeps the base its checkpoints were trained on ({base_dir}); "
+                         "revert them, or start over in a new output.dir")
+    if not (base_dir / "config.json").is_file():
+        raise ValueError(f"resuming from {checkpoint}: its model.from_config base {base_dir} is missing; "
+                         "restore it, or start over in a new output.dir")
+    return base_dir.resolve()
+
+
+def _base_record(cfg: FinetuneConfig, base_dir: Path | None, model, task: str, labels) -> dict[str, Any]:
+    """The base-model record for ``tunekit_base.json`` (a from_config base lives in ``base_dir``)."""
     model_cfg = cfg.model.model_dump(mode="json")
     if cfg.model.from_config:
-        # Random weights exist only in this process: keep them, or the adapter is useless.
-        base_dir = (out / "base").resolve()
-        model.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
         model.config._name_or_path = str(base_dir)  # recorded as base_model_name_or_path
         model_cfg.update(name_or_path=str(base_dir), tokenizer=None, from_config=False, model_type=None,
                          config_overrides={})
@@ -91,21 +128,54 @@ def _base_record(cfg: FinetuneConfig, out: Path, model, tokenizer, task: str, la
     return {"model": model_cfg, "task": task, "label_names": labels, "data": cfg.data.model_dump(mode="json")}
 
 
-def _setup(cfg: FinetuneConfig, out: Path):
+@dataclass
+class _Setup:
+    model: Any
+    tokenizer: Any
+    data: Any
+    base: dict[str, Any]
+    """The tunekit_base.json record."""
+    new_base: Path | None
+    """A new from_config base saved in the scratch folder, moved to ``output.dir/base`` once the run starts."""
+
+
+def _setup(cfg: FinetuneConfig, out: Path, scratch: Path) -> _Setup:
     from tunekit.adapters import inject_adapters, trainable_parameters
     from tunekit.data import build_dataset, label_names_for
     from tunekit.models import load_model
 
     task = task_for(cfg)
     labels = label_names_for(cfg.data) if task == "seq_cls" else None
+    saved_base = _saved_base(cfg, out)
+    model_cfg = cfg.model
+    if saved_base is not None:
+        model_cfg = cfg.model.model_copy(update=dict(name_or_path=str(saved_base), tokenizer=None, from_config=False,
+                                                     model_type=None, config_overrides={}))
     torch.manual_seed(cfg.train.seed)  # a new head's init is part of the run
-    model, tokenizer = load_model(cfg.model, task=task, label_names=labels)
+    model, tokenizer = load_model(model_cfg, task=task, label_names=labels)
+    new_base = None
+    if cfg.model.from_config and saved_base is None:
+        # Random weights exist only in this process: keep them (saved before the adapter goes in).
+        new_base = scratch / "base"
+        model.save_pretrained(new_base)
+        tokenizer.save_pretrained(new_base)
     data = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed)
-    base = _base_record(cfg, out, model, tokenizer, task, labels)
+    base = _base_record(cfg, saved_base or (out / "base").resolve(), model, task, labels)
     report = inject_adapters(model, cfg.adapter)
     print(f"adapter {report.method}: wrapped {len(report.wrapped)} modules; {trainable_parameters(model)}")
     print(data.stats.summary())
-    return model, tokenizer, data, base
+    return _Setup(model, tokenizer, data, base, new_base)
+
+
+def _write_run_files(cfg: FinetuneConfig, out: Path, setup: _Setup) -> Path:
+    """The run is known to start: write resolved_config.yaml (and a new base/); returns the config file."""
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "resolved_config.yaml"
+    config_file.write_text(config_to_yaml(cfg), encoding="utf-8")
+    if setup.new_base is not None:
+        shutil.rmtree(out / "base", ignore_errors=True)  # an earlier run's, which left no checkpoints
+        shutil.move(str(setup.new_base), str(out / "base"))
+    return config_file
 
 
 def _save(cfg: FinetuneConfig, out: Path, model, tokenizer, base: dict) -> tuple[Path, Path | None]:
@@ -113,7 +183,7 @@ def _save(cfg: FinetuneConfig, out: Path, model, tokenizer, base: dict) -> tuple
 
     adapter_dir = out / "adapter"
     save_adapters(model, adapter_dir)
-    (adapter_dir / BASE_INFO_NAME).write_text(json.dumps(base, indent=2) + "\n")
+    (adapter_dir / BASE_INFO_NAME).write_text(json.dumps(base, indent=2) + "\n", encoding="utf-8")
     if not cfg.output.save_merged:
         return adapter_dir, None
     merged_dir = out / "merged"
@@ -127,8 +197,12 @@ def _summary(result: FinetuneResult) -> str:
         keys = [k for k in ("loss", "accuracy", "perplexity") if metrics and k in metrics]
         return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) if keys else "n/a"
 
-    lines = [f"eval before: {show(result.metrics_before)}"] if result.metrics_before else []
-    lines += [f"eval after:  {show(result.metrics)}", f"adapter saved to {result.adapter_dir}"]
+    if result.metrics_split == "eval":
+        lines = [f"eval before: {show(result.metrics_before)}"] if result.metrics_before else []
+        lines.append(f"eval after:  {show(result.metrics)}")
+    else:
+        lines = [f"last training step (no eval data): {show(result.metrics)}"]
+    lines.append(f"adapter saved to {result.adapter_dir}")
     if result.merged_dir:
         lines.append(f"merged model saved to {result.merged_dir}")
     lines.append(f"try it: tunekit generate {result.adapter_dir} --prompt \"...\"")
@@ -146,19 +220,20 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, overrides:
         The metrics and where the adapter, merged model and logs went.
 
     Raises:
-        ConfigError: the config is invalid (nothing has run yet).
-        ValueError: the model or data cannot be loaded (one line naming the key).
+        ConfigError: the config is invalid or asks for what this version cannot run (nothing has run yet).
+        ValueError: the model, data or resume checkpoint cannot be used (one line naming the key);
+            the run folder is left as it was.
     """
     from tunekit.train import Trainer
 
     cfg = load_config(config, overrides)
     _check_runnable(cfg)
     out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config_file = out / "resolved_config.yaml"
-    config_file.write_text(config_to_yaml(cfg))
-    model, tokenizer, data, base = _setup(cfg, out)
-    trainer = Trainer(model, data, cfg.train, out)
+    with tempfile.TemporaryDirectory(prefix="tunekit-") as scratch:
+        setup = _setup(cfg, out, Path(scratch))
+        trainer = Trainer(setup.model, setup.data, cfg.train, out, run_config=cfg.model_dump(mode="json"))
+        config_file = _write_run_files(cfg, out, setup)
+    data = setup.data
     has_eval = data.eval is not None and len(data.eval) > 0
     before = trainer.evaluate() if cfg.output.eval_before and has_eval else None
     trained = trainer.fit()
@@ -169,11 +244,19 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, overrides:
         return FinetuneResult(metrics={}, metrics_before=before, output_dir=out, adapter_dir=out / "adapter",
                               merged_dir=None, metrics_file=trained.metrics_file, config_file=config_file,
                               train=trained, interrupted=True)
-    after = trained.final_metrics or (trained.history[-1] if trained.history else {})
-    adapter_dir, merged_dir = _save(cfg, out, model, tokenizer, base)
-    (out / "results.json").write_text(json.dumps({"before": before, "after": after}, indent=2) + "\n")
-    result = FinetuneResult(metrics=dict(after), metrics_before=before, output_dir=out, adapter_dir=adapter_dir,
+    last_train = next((h for h in reversed(trained.history) if h.get("split") == "train"), None)
+    last_train = {k: v for k, v in (last_train or {}).items() if k != "split"}
+    after = trained.final_metrics
+    adapter_dir, merged_dir = _save(cfg, out, setup.model, setup.tokenizer, setup.base)
+    results = {"before": before, "after": after, "last_train_step": last_train}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    metrics = dict(after) if after is not None else {k: v for k, v in last_train.items() if k != "step"}
+    result = FinetuneResult(metrics=metrics, metrics_before=before, output_dir=out, adapter_dir=adapter_dir,
                             merged_dir=merged_dir, metrics_file=trained.metrics_file, config_file=config_file,
-                            train=trained)
+                            train=trained, metrics_split="eval" if after is not None else "train")
     print(_summary(result))
+    if cfg.hub.push:  # after the final save: a failed push leaves every file in place
+        from tunekit.hub import push_after_finetune
+
+        push_after_finetune(cfg, result)
     return result

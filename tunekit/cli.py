@@ -1,19 +1,23 @@
-"""The ``tunekit`` command: finetune, merge, generate, estimate.
+"""The ``tunekit`` command: finetune, merge, generate, push, estimate.
 
-    tunekit finetune CONFIG [key=value ...] [--print-config]
+    tunekit finetune CONFIG [key=value ...] [--print-config]     (flags and overrides in any order)
     tunekit merge ADAPTER_DIR [--base MODEL] --out DIR
     tunekit generate MODEL_OR_ADAPTER --prompt TEXT [--base MODEL]
+    tunekit push RUN_OR_ADAPTER_DIR --repo USER/NAME [--merged] [--base-model HUB_ID] ...
     tunekit estimate MODEL_OR_CONFIG_OR_YAML [--method ...] [--gpus N] [--gpu-memory 80GB] [--json]
     tunekit --version
 
-``main(argv)`` returns the exit code, so tests call it in-process. Errors
-print one line to stderr: exit 2 for an invalid config or command line, 1 for
-anything that fails while running (``--debug`` shows the traceback instead).
+``main(argv)`` returns the exit code, so tests call it in-process. The command
+line is parsed before anything heavy is imported (``-h`` and ``--version``
+never load torch). Errors print one line to stderr: exit 2 for an invalid
+config or command line, 1 for anything that fails while running (``--debug``
+shows the traceback instead).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -68,6 +72,35 @@ def _generate_parser(sub, common) -> None:
                         "instruction or chat template, special tokens as in training)")
 
 
+def _push_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "push", parents=[common], help="push a trained adapter or merged model to the Hugging Face Hub",
+        description="Upload the adapter (or, with --merged, the merged model) and a model card in one atomic "
+                    "commit. The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT picks a private Hub.",
+    )
+    p.add_argument("source", nargs="?", metavar="RUN_OR_ADAPTER_DIR",
+                   help="a run folder (output.dir), its adapter/ folder, or (with --merged) a model folder")
+    p.add_argument("--repo", required=True, metavar="USER/NAME", help="target repository (created when missing)")
+    p.add_argument("--merged", action="store_true", help="push the merged model (<run>/merged) instead")
+    vis = p.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_const", const=True, default=None,
+                     help="create the repo private (the default for new repos)")
+    vis.add_argument("--public", dest="private", action="store_const", const=False,
+                     help="create the repo public; an existing repo's visibility is never changed")
+    p.add_argument("--revision", default="main", metavar="BRANCH", help="branch to push to (created from main)")
+    p.add_argument("--commit-message", help="commit title (default: tunekit: <method> adapter for <base>)")
+    p.add_argument("--base-model", metavar="HUB_ID",
+                   help="the base's Hub id, when the run loaded a local copy of it (the pushed files name it)")
+    p.add_argument("--push-base", action="store_true",
+                   help="the base has no Hub id (model.from_config, a local folder): push it to <repo>-base too")
+    p.add_argument("--force", action="store_true",
+                   help="push into a repo holding files tunekit did not write, or another base model")
+    p.add_argument("--overwrite-card", action="store_true",
+                   help="replace the repo's README.md instead of merging tunekit's section into it")
+    p.add_argument("--promote", metavar="BRANCH",
+                   help="instead of uploading: make a large push's branch the content of --revision in one commit")
+
+
 def _estimate_parser(sub, common) -> None:
     p = sub.add_parser(
         "estimate", parents=[common], help="estimate the GPU memory of a run and pick a strategy",
@@ -113,10 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunekit", description="Parameter-efficient fine-tuning of Hugging Face Transformers.")
     parser.add_argument("--version", action="version", version=f"tunekit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{finetune,merge,generate,estimate}")
+    sub = parser.add_subparsers(dest="command", metavar="{finetune,merge,generate,push,estimate}")
     _finetune_parser(sub, common)
     _merge_parser(sub, common)
     _generate_parser(sub, common)
+    _push_parser(sub, common)
     _estimate_parser(sub, common)
     return parser
 
@@ -125,9 +159,33 @@ class UsageError(Exception):
     """A command line that cannot run (exit 2)."""
 
 
+# A dotted config key (train.lr); config files end in one of _CONFIG_SUFFIXES.
+_KEY = re.compile(r"[A-Za-z_]\w*(\.\w+)+")
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _refuse_misspelled_override(items: list[str], i: int) -> None:
+    """Raise for ``--key=value`` / ``--key value`` / ``key value``, showing the ``key=value`` form."""
+    item = items[i]
+    bare = item.lstrip("-")
+    following = items[i + 1] if i + 1 < len(items) and "=" not in items[i + 1] else "VALUE"
+    if item.startswith("-"):
+        if "=" in bare:
+            raise UsageError(f"finetune: overrides are key=value without dashes: {bare} (not {item})")
+        if _KEY.fullmatch(bare):
+            raise UsageError(f"finetune: overrides are key=value without dashes: {bare}={following} "
+                             f"(not {item} {following})")
+        raise UsageError(f"finetune: unknown option {item} (tunekit finetune -h lists the options)")
+    if "=" not in item and _KEY.fullmatch(item) and not item.endswith(_CONFIG_SUFFIXES) and not Path(item).exists():
+        raise UsageError(f"finetune: overrides are key=value: {item}={following} (not {item} {following})")
+
+
 def _split_finetune_args(args: argparse.Namespace) -> tuple[str, list[str]]:
-    paths = [a for a in args.args if "=" not in a]
-    overrides = [a for a in args.args if "=" in a]
+    items = [*args.args, *args.unparsed]  # argparse leaves what follows a flag unparsed
+    for i in range(len(items)):
+        _refuse_misspelled_override(items, i)
+    paths = [a for a in items if "=" not in a]
+    overrides = [a for a in items if "=" in a]
     if args.config:
         paths = [args.config, *paths]
     if len(paths) != 1:
@@ -151,6 +209,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"merge: --out {args.out} is a file; give a folder (new or existing) to write the merged "
+                         "model to")
     from tunekit.inference import merge_adapter
 
     out = merge_adapter(args.adapter_dir, Path(args.out), base=args.base, dtype=args.dtype)
@@ -166,6 +227,26 @@ def _run_generate(args: argparse.Namespace) -> int:
     for line in predict(args.model, args.prompt, base=args.base, max_new_tokens=args.max_new_tokens,
                         sample=args.sample, raw=args.raw, inputs=args.inputs):
         print(line)
+    return 0
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from tunekit.hub import PushError, parse_repo_id, promote_branch, push_to_hub
+
+    try:
+        parse_repo_id(args.repo)
+    except PushError as err:
+        raise UsageError(str(err)) from None
+    if args.promote:
+        result = promote_branch(args.repo, args.promote, revision=args.revision, force=args.force,
+                                commit_message=args.commit_message)
+    elif args.source is None:
+        raise UsageError("push: give RUN_OR_ADAPTER_DIR (tunekit push runs/NAME --repo USER/NAME)")
+    else:
+        result = push_to_hub(args.source, args.repo, merged=args.merged, private=args.private,
+                             revision=args.revision, commit_message=args.commit_message, base_model=args.base_model,
+                             force=args.force, push_base=args.push_base, overwrite_card=args.overwrite_card)
+    print(result.summary())
     return 0
 
 
@@ -204,7 +285,8 @@ def _run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"finetune": _run_finetune, "merge": _run_merge, "generate": _run_generate, "estimate": _run_estimate}
+_COMMANDS = {"finetune": _run_finetune, "merge": _run_merge, "generate": _run_generate, "push": _run_push,
+             "estimate": _run_estimate}
 
 
 def _one_line(err: BaseException) -> str:
@@ -214,16 +296,18 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the tunekit command line; returns the process exit code."""
-    from tunekit.config import ConfigError
-
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, args.unparsed = parser.parse_known_args(argv)
+        if args.unparsed and args.command != "finetune":  # finetune takes overrides after its flags too
+            parser.error(f"unrecognized arguments: {' '.join(args.unparsed)}")
     except SystemExit as exit_:  # -h, --version, or an argparse usage error (already printed)
         return int(exit_.code or 0)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    from tunekit.config import ConfigError  # only now: parsing (-h, --version) never imports torch
+
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -81,6 +81,9 @@ class HubConfig(BaseModel):
     private: bool = True
     """Create the repository as private."""
 
+    base_model: str | None = None
+    """Hub id of the base model, when model.name_or_path is a local copy of it (the pushed files name it)."""
+
 
 class OutputConfig(BaseModel):
     """Where results go."""
@@ -179,10 +182,19 @@ class ConfigError(ValueError):
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The raw mapping in a YAML file, with one-line errors for a missing or malformed file."""
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError([f"config file {str(file)!r} is a folder; pass a YAML file, e.g. cookbook/quickstart.yaml"])
     if not file.is_file():
         raise ConfigError([f"config file {str(file)!r} not found (pass a YAML file, e.g. cookbook/quickstart.yaml)"])
     try:
-        raw = yaml.safe_load(file.read_text())
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"config file {str(file)!r} is not UTF-8 text (byte {err.start}: "
+                           f"{err.object[err.start:err.start + 1]!r}); save it as UTF-8"]) from None
+    except OSError as err:
+        raise ConfigError([f"config file {str(file)!r} cannot be read ({err.strerror or err})"]) from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -303,7 +315,11 @@ def _one_line(err: dict, tree: dict) -> str:
     if kind == "union_tag_not_found":
         return f"{key}.method is required; choose one of {', '.join(repr(m) for m in METHODS)}"
     if kind == "value_error":
-        return msg.removeprefix("Value error, ")
+        msg = msg.removeprefix("Value error, ")
+        section = _section_at(loc[:-1], tree) if loc else None
+        if section is not None and str(loc[-1]) in section.model_fields and key not in msg:
+            return f"{key} = {_show(value)}: {msg}"  # a field validator's message, about this field
+        return msg
     return f"{key} = {_show(value)}: {msg}"
 
 

@@ -23,7 +23,13 @@ def test_finetune_dict_with_merged_output(tmp_path, capsys):
     assert isinstance(result, tunekit.FinetuneResult)
     assert result.metrics["loss"] < result.metrics_before["loss"]
     assert result.metrics_file.is_file() and result.config_file.name == "resolved_config.yaml"
-    assert f"adapter saved to {result.adapter_dir}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"adapter saved to {result.adapter_dir}" in printed
+    # The final metrics are shown twice: the last evaluation's log line, and beside the metrics before.
+    loss = result.metrics["loss"]
+    after_training = printed.split(f"train step {result.train.global_step}/")[-1].splitlines()[1:]
+    shown = [line for line in after_training if f"loss {loss:.4g}" in line or f"loss {loss:.4f}" in line]
+    assert len(shown) == 2 and shown[1].startswith("eval after:"), shown
     merged = AutoModelForCausalLM.from_pretrained(result.merged_dir).eval()
     adapted = load_adapted(result.adapter_dir).model
     with torch.no_grad():
@@ -37,27 +43,34 @@ def test_from_config_base_is_saved_so_the_adapter_reloads(tmp_path):
                     "config_overrides": {"vocab_size": 96, "hidden_size": 16, "intermediate_size": 32,
                                          "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}}
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     result = tunekit.finetune(str(path), ["train.max_steps=2"])
     assert (result.output_dir / "base" / "config.json").is_file()
     reloaded = load_adapted(result.adapter_dir).model
     assert reloaded.config.hidden_size == 16 and result.train.global_step == 2
 
 
-@pytest.mark.parametrize(("override", "needle"), [
-    ("distributed.strategy=fsdp", "distributed.strategy='fsdp'"),
-    ("hub.push=true", "hub.push=true"),
+@pytest.mark.parametrize(("override", "env", "needle"), [
+    ("distributed.strategy=fsdp", {}, "distributed.strategy='fsdp'"),
+    ("hub.push=true", {}, "hub.push=true"),
+    # an external launcher's processes would each train the same rows into the same folder
+    ("train.lr=0.01", {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, "distributed.strategy: none"),
+    ("train.lr=0.01", {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "WORLD_SIZE=2"),
 ])
-def test_sections_without_an_engine_fail_before_loading(tmp_path, capsys, override, needle):
+def test_what_this_version_cannot_run_is_refused_before_loading(tmp_path, capsys, monkeypatch, override, env,
+                                                                  needle):
     cfg = run_config(tmp_path, "causal_lm", "lora")
     cfg["model"]["name_or_path"] = str(tmp_path / "never-loaded")
     cfg["hub"] = {"repo_id": "me/x"}
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     capsys.readouterr()  # drop the tiny model's save progress
-    assert main(["finetune", str(path), override]) == 1
+    assert main(["finetune", str(path), override]) == 2  # a refused config
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0]
+    assert len(err) == 1 and needle in err[0] and err[0].startswith("config error:")
+    assert not (tmp_path / "run-causal_lm-lora").exists()
 
 
 def test_qlora_run_with_checkpointing_then_unquantized_merge(tmp_path, capsys):

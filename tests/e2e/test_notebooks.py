@@ -27,7 +27,7 @@ PRIVATE = re.compile(r"from tunekit[\w.]* import [^\n]*\b_\w|tunekit(\.\w+)*\._\
 
 
 def _notebook(name: str) -> dict:
-    return json.loads((NOTEBOOKS / name).read_text())
+    return json.loads((NOTEBOOKS / name).read_text(encoding="utf-8"))
 
 
 def _code_cells(nb: dict) -> list[str]:

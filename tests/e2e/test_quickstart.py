@@ -20,7 +20,7 @@ def test_quickstart_fast_variant_learns_and_predicts(tmp_path, monkeypatch, caps
     assert main(["finetune", "cookbook/quickstart.yaml", "train.max_steps=24", f"output.dir={out}"]) == 0
     printed = capsys.readouterr().out
     assert "eval before:" in printed and f"adapter saved to {out / 'adapter'}" in printed
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["before"]["accuracy"] < 0.5 < results["after"]["accuracy"]
     assert main(["generate", str(out / "adapter"), "--prompt", "Heavy snow and strong winds tonight.",
                  "--prompt", "The striker scored in the final minute."]) == 0

@@ -65,7 +65,7 @@ def write_data(folder: Path, task: str, n_train: int = 24, n_eval: int = 8) -> t
     paths = []
     for name, part in (("train", rows), ("eval", rows[:n_eval])):
         path = folder / f"{task}_{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in part))
+        path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
         paths.append(path)
     return paths[0], paths[1]
 
@@ -89,3 +89,16 @@ def run_config(tmp: Path, task: str, method: str = "lora", steps: int = 4) -> di
         "train": {"max_steps": steps, "batch_size": 24, "lr": 0.01, "log_every": 1},  # full batch
         "output": {"dir": str(tmp / f"run-{task}-{method}")},
     }
+
+
+def eval_reloaded(cfg: dict, adapter_dir: Path) -> dict[str, float]:
+    """``Trainer.evaluate`` of the saved adapter on its recorded base, on the eval data of run config ``cfg``."""
+    from tunekit.config import load_config
+    from tunekit.data import build_dataset
+    from tunekit.inference import load_adapted
+    from tunekit.train import Trainer
+
+    loaded = load_adapted(adapter_dir)
+    resolved = load_config(cfg)
+    data = build_dataset(resolved.data, loaded.tokenizer, seed=resolved.train.seed)
+    return Trainer(loaded.model, data, resolved.train, adapter_dir.parent / "reload").evaluate()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -22,7 +24,7 @@ CLS = {**VALID, "data": {"format": "classification", "train_files": ["t.jsonl"],
 def config_file(tmp_path):
     def write(tree=VALID, text=None):
         path = tmp_path / "run.yaml"
-        path.write_text(text if text is not None else yaml.safe_dump(tree))
+        path.write_text(text if text is not None else yaml.safe_dump(tree), encoding="utf-8")
         return str(path)
 
     return write
@@ -61,6 +63,11 @@ BAD = [
     (["train.lr.value=1"], "train.lr"),
     (["train.lr"], "train.lr"),
     (["adapter={method: prefix, num_virtual_tokens: 4}", "data.packing=true"], "data.packing"),
+    (["data.max_seq_len=0"], "data.max_seq_len = 0"),
+    (["data.max_rows=-1"], "data.max_rows = -1"),
+    (["data.length_group_size=0"], "data.length_group_size"),
+    (["train.keep_last=0"], "train.keep_last"),
+    (["train.resume_with_changes=maybe"], "train.resume_with_changes"),
 ]
 
 
@@ -101,6 +108,62 @@ def test_malformed_yaml_is_one_line(config_file, capsys, text, needle):
 def test_missing_config_file(tmp_path, capsys):
     assert main(["finetune", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_unreadable_config_files_are_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("model: {name_or_path: café}\n".encode("latin-1"))
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    locked = tmp_path / "locked.yaml"
+    locked.write_text("model: {}\n", encoding="utf-8")
+    real_read = Path.read_text
+
+    def read_text(self, *args, **kwargs):  # chmod cannot lock a file against root, so refuse the read here
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    for file, needle in [(latin1, "is not UTF-8 text (byte 25"), (folder, "is a folder"),
+                         (locked, "cannot be read (Permission denied)")]:
+        assert main(["finetune", str(file)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(file) in err[0] and needle in err[0], err
+
+
+def test_a_utf8_config_reads_the_same_under_an_ascii_locale(tmp_path, monkeypatch):
+    # What LC_ALL=C (without Python's UTF-8 mode) does to text files opened without an encoding.
+    import io
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**VALID, "output": {"dir": "runs/café-ü"}}, allow_unicode=True), encoding="utf-8")
+    monkeypatch.setattr(io, "text_encoding", lambda encoding, stacklevel=2: encoding or "ascii")
+    assert str(load_config(str(path)).output.dir) == "runs/café-ü"
+
+
+@pytest.mark.parametrize("argv", [
+    ["{cfg}", "--print-config", "adapter.rank=16"],
+    ["--print-config", "{cfg}", "adapter.rank=16"],
+    ["adapter.rank=16", "--print-config", "--config", "{cfg}"],
+    ["{cfg}", "adapter.rank=2", "--print-config", "adapter.rank=16"],  # the later override wins
+])
+def test_flags_and_overrides_in_any_order(config_file, capsys, argv):
+    cfg = config_file()
+    assert main(["finetune", *[a.format(cfg=cfg) for a in argv]]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["adapter"]["rank"] == 16
+
+
+@pytest.mark.parametrize(("args", "shown"), [
+    (["--train.lr=1e-4"], "train.lr=1e-4 (not --train.lr=1e-4)"),
+    (["--train.lr", "1e-4"], "train.lr=1e-4 (not --train.lr 1e-4)"),
+    (["train.lr", "1e-4"], "train.lr=1e-4 (not train.lr 1e-4)"),
+    (["--no-such-flag"], "unknown option --no-such-flag"),
+])
+def test_misspelled_overrides_show_the_key_value_form(config_file, capsys, args, shown):
+    assert main(["finetune", config_file(), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and shown in err[0], err
 
 
 def test_config_file_count_must_be_one(config_file, capsys):

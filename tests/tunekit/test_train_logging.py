@@ -4,6 +4,8 @@ import io
 import json
 import math
 
+import pytest
+
 from _tiny import tiny_llama
 from _train_data import ToyLM
 
@@ -22,7 +24,7 @@ def test_metrics_jsonl_tensorboard_and_line_logs(tmp_path, capsys):
     inject_adapters(model, LoRAConfig(rank=2))
     cfg = TrainConfig(max_steps=4, batch_size=4, log_every=2, eval_every=2, tensorboard=True, resume="never")
     result = Trainer(model, ToyLM(n=8), cfg, tmp_path).fit()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [(r["split"], r["step"]) for r in records] == [("train", 2), ("eval", 2), ("train", 4), ("eval", 4)]
     train, ev = records[0], records[1]
     assert {"epoch", "loss", "grad_norm", "lr", "tokens_per_s"} <= train.keys()
@@ -38,7 +40,10 @@ def test_metrics_jsonl_tensorboard_and_line_logs(tmp_path, capsys):
     out = capsys.readouterr().out  # pytest's capture is not a TTY: plain lines, no bar
     assert "train step 2/4 | epoch 1 | loss" in out and "eta" in out
     assert "\r" not in out
-    assert "steps 4 (2.00 epochs)" in out and "final eval: loss" in out
+    assert "steps 4 (2.00 epochs)" in out
+    # The final evaluation is shown once, by its own line (not again in the summary).
+    after_training = out.split("train step 4/4")[1].splitlines()[1:]
+    assert sum(f"loss {records[-1]['loss']:.4g}" in line for line in after_training) == 1
 
 
 def test_progress_bar_on_a_tty(tmp_path):
@@ -67,8 +72,36 @@ def test_a_fresh_run_starts_the_log_and_a_resume_drops_records_after_its_checkpo
         for step in steps:
             logger.log("train", step, {"loss": 1.0})
         logger.close()
-        return [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        lines = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line)["step"] for line in lines]
 
     assert log_steps(0, [1, 2, 3, 4]) == [1, 2, 3, 4]
     assert log_steps(2, [3, 4, 5]) == [1, 2, 3, 4, 5]  # resumed at step 2: 3 and 4 are not doubled
     assert log_steps(0, [1]) == [1]  # a new run from scratch replaces the old log
+
+
+def test_tokens_per_second_counts_training_steps_only(tmp_path, monkeypatch):
+    # A fake clock: each training step takes 1 s, each evaluation and checkpoint 100 s.
+    data = ToyLM(n=8)
+    model = tiny_llama()
+    inject_adapters(model, LoRAConfig(rank=2))
+    cfg = TrainConfig(max_steps=4, batch_size=4, log_every=1, eval_every=1, save_every=1, resume="never")
+    trainer = Trainer(model, data, cfg, tmp_path)
+    now = [0.0]
+    trainer.clock = lambda: now[0]
+
+    def taking(seconds, fn):
+        def timed(*args, **kwargs):
+            now[0] += seconds
+            return fn(*args, **kwargs)
+        return timed
+
+    monkeypatch.setattr(trainer, "train_step", taking(1.0, trainer.train_step))
+    monkeypatch.setattr(trainer, "evaluate", taking(100.0, trainer.evaluate))
+    monkeypatch.setattr(trainer, "_save", taking(100.0, trainer._save))
+    result = trainer.fit()
+    # 2 steps per epoch of all 8 rows: the 4 steps see every row twice.
+    tokens = 2 * sum(len(row["input_ids"]) for row in data.train)
+    assert result.train_seconds == 4.0 and result.tokens_per_second == pytest.approx(tokens / 4.0)
+    logged = [r["tokens_per_s"] for r in result.history if r["split"] == "train"]
+    assert logged[-1] == pytest.approx(tokens / 4.0) and now[0] > 400

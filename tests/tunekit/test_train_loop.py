@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from _tiny import tiny_bert, tiny_llama
 from _tolerances import FP32_EXACT, max_abs_diff
 from _train_data import ToyCls, ToyLM
+from _trainer_runs import learner, trainable
 
 from tunekit.adapters import LoRAConfig, inject_adapters
 from tunekit.train import TrainConfig, Trainer
@@ -17,22 +18,6 @@ def lora_llama(**lora) -> torch.nn.Module:
     model = tiny_llama()
     inject_adapters(model, LoRAConfig(rank=4, init="random", **lora))
     return model
-
-
-def learner() -> tuple[torch.nn.Module, ToyLM]:
-    """A LoRA llama that learns its data within 10 steps, and data whose eval rows are its train rows.
-
-    LoRA on lm_head too: a random tiny model's logits barely move through attention alone.
-    """
-    model = tiny_llama()
-    inject_adapters(model, LoRAConfig(rank=4, target_modules=["q_proj", "v_proj", "lm_head"]))
-    data = ToyLM(n=8, n_eval=0)
-    data.eval = data.train
-    return model, data
-
-
-def trainable(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def sgd_cfg(**kw) -> TrainConfig:
@@ -46,6 +31,18 @@ def reference_grads(model, batch) -> dict[str, torch.Tensor]:
     model = copy.deepcopy(model).train()
     model(**batch).loss.backward()
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def reference_lm_loss(model, rows) -> float:
+    """Mean next-token cross-entropy over every target of ``rows``, one unpadded row at a time."""
+    total, count = 0.0, 0
+    for row in rows:
+        logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+        labels = torch.tensor(row["labels"][1:])
+        total += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
+    return total / count
 
 
 def test_lora_training_lowers_eval_loss_and_keeps_base_frozen(tmp_path):
@@ -156,15 +153,9 @@ def test_evaluate_seq_cls_accuracy_and_loss_match_a_reference(tmp_path):
 def test_evaluate_lm_loss_is_token_weighted_over_batches(tmp_path):
     model, data = lora_llama(), ToyLM(n_eval=7)
     metrics = Trainer(model, data, TrainConfig(eval_batch_size=3), tmp_path).evaluate()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for row in data.eval:
-            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
-            labels = torch.tensor(row["labels"][1:])
-            total += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
-            count += int((labels != -100).sum())
-    assert metrics["loss"] == pytest.approx(total / count, abs=FP32_EXACT)
-    assert metrics["perplexity"] == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
+    reference = reference_lm_loss(model, data.eval)
+    assert metrics["loss"] == pytest.approx(reference, abs=FP32_EXACT)
+    assert metrics["perplexity"] == pytest.approx(torch.tensor(reference).exp().item(), rel=1e-5)
 
 
 def test_early_stopping_triggers_after_patience(tmp_path):
@@ -209,6 +200,25 @@ def test_fused_cross_entropy_matches_the_model_loss(tmp_path):
         runs[fused] = (r.history[0]["loss"], trainable(m))
     assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-4)
     assert all(max_abs_diff(runs[True][1][n], runs[False][1][n]) < 1e-4 for n in runs[False][1])
+
+
+def test_fused_evaluation_matches_the_reference_loss_without_full_vocabulary_logits(tmp_path):
+    pytest.importorskip("tunekit.models.kernels").fused_causal_lm_loss  # noqa: B018
+    model, data = lora_llama(), ToyLM(n_eval=7)
+    head_positions = []
+    model.lm_head.register_forward_hook(lambda _m, _i, out: head_positions.append(out.shape[1]))
+    metrics = Trainer(model, data, TrainConfig(eval_batch_size=3, fused_cross_entropy=True), tmp_path).evaluate()
+    assert head_positions and set(head_positions) == {1}  # the head never produced (B, T, V) logits
+    assert metrics["loss"] == pytest.approx(reference_lm_loss(model, data.eval), abs=1e-5)
+
+
+def test_a_multi_process_launch_is_refused_without_a_strategy(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"distributed.strategy: none trains in one process.*WORLD_SIZE=2"):
+        Trainer(lora_llama(), ToyLM(), TrainConfig(), tmp_path)
+    # A caller that wraps the model for its processes (a strategy) is not refused.
+    Trainer(lora_llama(), ToyLM(), TrainConfig(), tmp_path, wrap_model=lambda model: model)
 
 
 def test_real_data_bundle_packed_step_equals_unpacked_step(tmp_path):

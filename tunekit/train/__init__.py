@@ -7,7 +7,7 @@ Example:
     5
 """
 
-from tunekit.train.checkpoint import list_checkpoints, resolve_resume
+from tunekit.train.checkpoint import list_checkpoints, read_checkpoint, resolve_resume
 from tunekit.train.config import TrainConfig
 from tunekit.train.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 from tunekit.train.signals import StopOnSignal
@@ -23,5 +23,6 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "list_checkpoints",
+    "read_checkpoint",
     "resolve_resume",
 ]

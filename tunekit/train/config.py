@@ -88,7 +88,15 @@ class TrainConfig(BaseModel):
     """Checkpoints kept on disk (oldest deleted first); null keeps all."""
 
     resume: str = "auto"
-    """'auto' (latest checkpoint in output_dir, if any), 'never', or a checkpoint folder path."""
+    """'auto' (latest checkpoint in output_dir, if any), 'never', or a checkpoint (or run) folder path."""
+
+    resume_with_changes: bool = False
+    """Resume even when the config changed in a way that alters training (lr, schedule, data, model, ...);
+    the new values apply from the resume step on. False refuses such a resume and lists the changes."""
+
+    overwrite_checkpoints: bool = False
+    """Delete checkpoints of another run found in output_dir/checkpoints when this run starts;
+    false refuses to start there (runs are never mixed in one folder)."""
 
     log_every: int = Field(10, gt=0)
     """Log training metrics (averaged since the last log) every N optimizer steps."""

@@ -65,9 +65,9 @@ class RunLogger:
         drops what was logged after its checkpoint, since those steps are about to run again."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step] if step else []
-        self.path.write_text("".join(line + "\n" for line in kept))
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def _eta(self, step: int) -> str:
         done = step - self._start_step
@@ -81,7 +81,7 @@ class RunLogger:
         record = {"split": split, "step": step, **metrics}
         if not self.enabled:
             return record
-        with self.path.open("a") as f:
+        with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self._writer is not None:
             for key, value in metrics.items():

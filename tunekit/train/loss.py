@@ -71,8 +71,9 @@ class EvalMeter:
         self.loss_sum, self.targets, self.rows, self.correct = 0.0, 0, 0, 0
         self.extra: dict[str, float] = {}
 
-    def add(self, batch: dict[str, torch.Tensor], loss: torch.Tensor, logits: torch.Tensor) -> None:
-        """Add one batch: its mean ``loss`` and ``logits`` ((B, C) for seq_cls)."""
+    def add(self, batch: dict[str, torch.Tensor], loss: torch.Tensor, logits: torch.Tensor | None) -> None:
+        """Add one batch: its mean ``loss`` and ``logits`` ((B, C) for seq_cls; needed for seq_cls and
+        ``metric_fn`` only, None otherwise)."""
         n, rows = target_count(batch, self.task), batch["labels"].shape[0]
         if n:
             self.loss_sum += float(loss) * n

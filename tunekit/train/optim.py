@@ -5,9 +5,10 @@ imported only when chosen. Only parameters with ``requires_grad`` are given
 to the optimizer (a frozen base costs no optimizer state), split into two
 groups: matrices get weight decay, 1-D tensors (biases, norm weights) do not.
 
-Schedules are multipliers of the peak lr as a function of the optimizer
-step ``s`` (0-based: the lr used by step ``s + 1``), with ``w`` warmup steps
-and ``T`` steps in all (the formulas of transformers' ``get_*_schedule``)::
+Schedules are transformers' (``transformers.get_scheduler``), picked by
+tunekit's name from ``SCHEDULES``: multipliers of the peak lr as a function of
+the optimizer step ``s`` (0-based: the lr used by step ``s + 1``), with ``w``
+warmup steps and ``T`` steps in all::
 
     warmup    s < w :  s / w
     linear          :  max(0, (T - s) / (T - w))
@@ -17,7 +18,6 @@ and ``T`` steps in all (the formulas of transformers' ``get_*_schedule``)::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -78,32 +78,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return OPTIMIZERS[cfg.optimizer](_param_groups(params, cfg.weight_decay), cfg)
 
 
-def _warmup(step: int, warmup: int) -> float | None:
-    return step / max(1, warmup) if step < warmup else None
-
-
-def linear_schedule(step: int, warmup: int, total: int) -> float:
-    w = _warmup(step, warmup)
-    return w if w is not None else max(0.0, (total - step) / max(1, total - warmup))
-
-
-def cosine_schedule(step: int, warmup: int, total: int) -> float:
-    w = _warmup(step, warmup)
-    if w is not None:
-        return w
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def constant_schedule(step: int, warmup: int, total: int) -> float:
-    w = _warmup(step, warmup)
-    return w if w is not None else 1.0
-
-
-SCHEDULES: dict[str, Callable[[int, int, int], float]] = {
-    "linear": linear_schedule,
-    "cosine": cosine_schedule,
-    "constant": constant_schedule,
+# tunekit name -> transformers.SchedulerType name ("constant" keeps its warmup, unlike transformers' own).
+SCHEDULES: dict[str, str] = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant": "constant_with_warmup",
 }
 
 
@@ -111,5 +90,7 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` following ``cfg.scheduler`` with warmup, for ``total_steps`` optimizer steps."""
-    fn, warmup = SCHEDULES[cfg.scheduler], cfg.warmup_for(total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: fn(step, warmup, total_steps))
+    from transformers import get_scheduler
+
+    return get_scheduler(SCHEDULES[cfg.scheduler], optimizer, num_warmup_steps=cfg.warmup_for(total_steps),
+                         num_training_steps=total_steps)

@@ -16,15 +16,20 @@ in through ``wrap_model``, called before the optimizer is built. Its
 accumulation helper is not used either: it divides every micro-batch loss by
 N (a mean of means, wrong when micro-batches hold different numbers of
 targets) and cannot see the short last window of an epoch.
+
+Everything that can refuse a run (the resume checkpoint, another run's
+checkpoints in the folder, a changed config, an external multi-process
+launch) is checked when the ``Trainer`` is built, before ``fit`` writes
+anything.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,23 +37,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunekit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from tunekit.train.checkpoint import (
+    SavedCheckpoint,
+    foreign_checkpoints_message,
+    new_run_id,
+    other_runs_checkpoints,
+    read_checkpoint,
+    resolve_resume,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from tunekit.train.config import TrainConfig
 from tunekit.train.logging import RunLogger
 from tunekit.train.loss import TASKS, EvalMeter, batch_tokens, fused_loss_fn, model_loss, target_count
 from tunekit.train.optim import build_optimizer, build_scheduler
-from tunekit.train.runtime import make_accelerator, peak_memory_mib
+from tunekit.train.resume import resume_note
+from tunekit.train.runtime import external_launch_problem, make_accelerator, peak_memory_mib
 from tunekit.train.signals import StopOnSignal
 
-# Fields that may change between a run and its resumption without changing the trajectory.
-_RESUME_FREE = {"resume", "max_steps", "epochs", "eval_every", "save_every", "keep_last", "log_every", "tensorboard",
-                "early_stopping_patience", "eval_batch_size"}
+# Printed once the SIGINT/SIGTERM handlers are installed (scripts wait for it before signalling).
+READY_MESSAGE = "training: Ctrl-C or SIGTERM finishes the step, saves a checkpoint and stops"
 
 
 @dataclass
 class Progress:
     """Where a run is; saved in every checkpoint's ``progress.json``."""
 
+    run_id: str = ""
     global_step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
@@ -58,6 +73,7 @@ class Progress:
     best_step: int | None = None
     bad_evals: int = 0
     stopped_early: bool = False
+    restored_best: bool = False  # the weights are the best evaluation's (early stopping, end of run)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -75,19 +91,20 @@ class TrainResult:
     metrics_file: Path
     checkpoint_dir: Path | None
     tokens_per_second: float
+    """Training throughput: tokens of the training steps / ``train_seconds``."""
     train_seconds: float
+    """Time spent in training steps (evaluation and checkpoint writes excluded)."""
     peak_memory_mib: float
     stopped_early: bool = False
     interrupted: bool = False
 
     def summary(self) -> str:
         """A few human-readable lines."""
+        # The final metrics are not repeated: the last eval line (or the restore message) showed them.
         lines = [
-            f"steps {self.global_step} ({self.epochs_completed:.2f} epochs) in {self.train_seconds:.1f} s, "
-            f"{self.tokens_per_second:.0f} tokens/s, peak memory {self.peak_memory_mib:.0f} MiB",
+            f"steps {self.global_step} ({self.epochs_completed:.2f} epochs), {self.train_seconds:.1f} s in training "
+            f"steps, {self.tokens_per_second:.0f} tokens/s, peak memory {self.peak_memory_mib:.0f} MiB",
         ]
-        if self.final_metrics:
-            lines.append("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in self.final_metrics.items()))
         if self.stopped_early:
             lines.append(f"stopped early (best at step {self.best_step})")
         if self.interrupted:
@@ -107,15 +124,28 @@ class Trainer:
         cfg: the training config.
         output_dir: run folder: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``.
         wrap_model: ``wrap(model) -> model`` for a distribution strategy, called before the
-            optimizer is built (so it sees the wrapped parameters).
+            optimizer is built (so it sees the wrapped parameters). Without one, a process started
+            by a multi-process launcher is refused.
         metric_fn: ``fn(logits, batch) -> {name: per-row mean}`` for extra eval metrics.
+        run_config: the run's whole resolved config (JSON-able sections: model, adapter, data, ...),
+            saved in every checkpoint and compared on resume; its ``train`` section is ``cfg``.
+
+    Raises:
+        ValueError: the run cannot start (bad data, a damaged or incompatible resume checkpoint,
+            another run's checkpoints in ``output_dir``, a changed config, a multi-process launch).
     """
+
+    # The clock that times training steps (a test replaces it).
+    clock: Callable[[], float] = staticmethod(time.perf_counter)
 
     def __init__(
         self, model: nn.Module, data: Any, cfg: TrainConfig, output_dir: str | Path, *,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
         metric_fn: Callable[[torch.Tensor, dict], dict[str, float]] | None = None,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
+        if wrap_model is None and (problem := external_launch_problem()):
+            raise ValueError(problem)
         if getattr(data, "task", None) not in TASKS:
             raise ValueError(f"data.task is {getattr(data, 'task', None)!r}; the trainer supports {list(TASKS)}")
         if len(data.train) == 0:
@@ -139,6 +169,22 @@ class Trainer:
         # With early stopping, the trainable weights of the best evaluation (adapters are small),
         # restored when training stops, as transformers' load_best_model_at_end does.
         self._best_weights: dict[str, torch.Tensor] | None = None
+        self.run_config = {**(run_config or {}), "train": cfg.model_dump(mode="json")}
+        self._resume, self._resume_note, self._foreign = self._plan_start()
+
+    def _plan_start(self) -> tuple[SavedCheckpoint | None, str | None, list[Path]]:
+        """The checkpoint to resume (read in full), the line announcing it, and other runs' checkpoints
+        to delete at the start; raises if the run cannot start here."""
+        folder = resolve_resume(self.cfg.resume, self.output_dir)
+        saved = read_checkpoint(folder) if folder is not None else None
+        foreign = other_runs_checkpoints(self.output_dir, saved.run_id if saved else None)
+        if foreign and not self.cfg.overwrite_checkpoints:
+            raise ValueError(foreign_checkpoints_message(self.output_dir, foreign, folder))
+        if saved is None:
+            return None, None, foreign
+        note = resume_note(saved.config, self.run_config, folder=folder, step=saved.progress["global_step"],
+                           steps_per_epoch=self.steps_per_epoch, allow_changes=self.cfg.resume_with_changes)
+        return saved, note, foreign
 
     def _setup_model(self, wrap_model: Callable[[nn.Module], nn.Module] | None) -> None:
         if self.cfg.gradient_checkpointing:
@@ -212,13 +258,19 @@ class Trainer:
         if rows is None or len(rows) == 0:
             raise ValueError("no eval data: set data.eval_files, data.eval_split or data.eval_fraction")
         meter, size = EvalMeter(self.data.task, self.metric_fn), self.cfg.eval_batch_size or self.cfg.batch_size
+        # Only accuracy and metric_fn read logits; an LM loss on the fused path never builds (B, T, V) ones.
+        needs_logits = self.data.task == "seq_cls" or self.metric_fn is not None
         was_training = self.wrapped.training
         self.wrapped.eval()
         for start in range(0, len(rows), size):
             batch = self._to_device(self.data.collate([rows[i] for i in range(start, min(start + size, len(rows)))]))
             with self.accelerator.autocast():
-                out = self.wrapped(**batch, **self._forward_kwargs)
-            meter.add(batch, out.loss.float(), out.logits.float())
+                if self._fused_loss is not None and not needs_logits:
+                    loss, logits = self._fused_loss(self.wrapped, batch), None
+                else:
+                    out = self.wrapped(**batch, **self._forward_kwargs)
+                    loss, logits = out.loss, out.logits.float() if needs_logits else None
+            meter.add(batch, loss.float(), logits)
         self.wrapped.train(was_training)
         return meter.result()
 
@@ -231,16 +283,19 @@ class Trainer:
         log = RunLogger(self.output_dir, self.total_steps, progress.global_step, tensorboard=self.cfg.tensorboard,
                         enabled=self.accelerator.is_main_process)
         self._pending.clear()
-        session_t0 = time.perf_counter() - progress.train_seconds
+        if self._resume_note:
+            log.message(self._resume_note)
         try:
             with StopOnSignal() as stop:
+                log.message(READY_MESSAGE)
                 while self._running(progress, stop):
                     for window in self.windows(progress.epoch, progress.step_in_epoch):
+                        t0 = self.clock()
                         self._pending.append(self.train_step(window))
+                        progress.train_seconds += self.clock() - t0
                         progress.global_step += 1
                         progress.step_in_epoch += 1
                         progress.tokens += self._pending[-1]["tokens"]
-                        progress.train_seconds = time.perf_counter() - session_t0
                         self._after_step(progress, log, stop)
                         if not self._running(progress, stop):
                             break
@@ -267,7 +322,8 @@ class Trainer:
         log.advance(step)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps and self._has_eval():
             self._evaluate_and_track(progress, log)
-        if (cfg.save_every and step % cfg.save_every == 0) or stop.requested:
+        # A run that stopped early is saved once, by _finish, after the best weights are restored.
+        if ((cfg.save_every and step % cfg.save_every == 0) or stop.requested) and not progress.stopped_early:
             self._save(progress)
 
     def _evaluate_and_track(self, progress: Progress, log: RunLogger) -> dict[str, float]:
@@ -292,31 +348,28 @@ class Trainer:
                             f"(best {best[key]:.4g} at step {progress.best_step})")
         return metrics
 
-    def _save(self, progress: Progress) -> None:
-        if self._last_save is not None and self._last_save.name == f"step-{progress.global_step}":
+    def _save(self, progress: Progress, replace: bool = False) -> None:
+        """Checkpoint this step (once; ``replace`` rewrites a checkpoint already written at it)."""
+        if not replace and self._last_save is not None and self._last_save.name == f"step-{progress.global_step}":
             return
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self._last_save = save_checkpoint(
                 self.output_dir / "checkpoints", progress.global_step, model=self.model, optimizer=self.optimizer,
-                scheduler=self.scheduler, progress=asdict(progress), config=self.cfg.model_dump(),
+                scheduler=self.scheduler, progress=asdict(progress), config=self.run_config,
                 keep_last=self.cfg.keep_last,
             )
 
     def _start(self) -> Progress:
-        """Fresh progress, or the state of the checkpoint ``cfg.resume`` points at (weights, optimizer, RNG)."""
-        folder = resolve_resume(self.cfg.resume, self.output_dir)
-        if folder is None:
-            return Progress()
-        saved = load_checkpoint(folder, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-        progress = Progress(**saved)
-        saved_cfg = json.loads((folder / "config.json").read_text())
-        changed = sorted(k for k, v in self.cfg.model_dump().items() if k not in _RESUME_FREE and saved_cfg.get(k) != v)
-        if changed and self.accelerator.is_main_process:
-            print(f"resuming from {folder} with changed settings {changed}: the run will not match an uninterrupted one")
-        elif self.accelerator.is_main_process:
-            print(f"resuming from {folder} at step {progress.global_step}")
-        return progress
+        """Fresh progress with a new run id, or the state of the resume checkpoint (weights, optimizer, RNG)."""
+        if self._foreign and self.accelerator.is_main_process:  # train.overwrite_checkpoints, checked at __init__
+            for folder in self._foreign:
+                shutil.rmtree(folder)
+        if self._resume is None:
+            return Progress(run_id=new_run_id())
+        saved, self._resume = self._resume, None  # its tensors are not needed once restored
+        restore_checkpoint(saved, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        return Progress(**{"run_id": saved.run_id, **saved.progress})
 
     def _restore_best(self, progress: Progress, log: RunLogger) -> dict[str, float] | None:
         """Put back the weights of the best evaluation; returns its metrics (None if not kept)."""
@@ -333,16 +386,23 @@ class Trainer:
     def _finish(self, progress: Progress, log: RunLogger, interrupted: bool) -> TrainResult:
         final = None
         if self._has_eval() and not interrupted:
-            if progress.stopped_early:  # it stopped right after evaluating this step
+            if progress.restored_best:  # a finished run resumed: its weights are already the best's
+                final = dict(progress.best_metrics)
+            elif progress.stopped_early:  # it stopped right after evaluating this step
                 final = {k: v for k, v in progress.history[-1].items() if k not in ("split", "step")}
             else:
                 final = self._evaluate_and_track(progress, log)
                 progress.stopped_early = False  # the end-of-run evaluation stops nothing
+        restored = None
         best = progress.best_step
-        if self.cfg.early_stopping_patience and not interrupted and best is not None and best != progress.global_step:
-            final = self._restore_best(progress, log) or final
+        if (self.cfg.early_stopping_patience and not interrupted and not progress.restored_best
+                and best is not None and best != progress.global_step):
+            restored = self._restore_best(progress, log)
+            final = restored or final
+            progress.restored_best = restored is not None
+        # The last checkpoint always holds the weights the run returns (the best ones, once restored).
         if interrupted or self.cfg.save_every:
-            self._save(progress)
+            self._save(progress, replace=restored is not None)
         result = TrainResult(
             global_step=progress.global_step,
             epochs_completed=progress.epoch + progress.step_in_epoch / self.steps_per_epoch,
