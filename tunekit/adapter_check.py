@@ -74,7 +74,7 @@ def expected_adapter_shapes(model_config, adapter_cfg, *, task: str = "causal_lm
     if task == "seq_cls" and label_names:
         config.num_labels = len(label_names)
     with torch.device("meta"):
-        model = getattr(transformers, TASKS[task]).from_config(config, trust_remote_code=trust_remote_code)
+        model = getattr(transformers, TASKS[task].auto_class).from_config(config, trust_remote_code=trust_remote_code)
     inject_adapters(model, _shape_only(adapter_cfg))
     return {key: tuple(value.shape) for key, value in adapter_state_dict(model).items()}
 
