@@ -81,9 +81,12 @@ def _check_runnable(cfg: FinetuneConfig) -> None:
         raise ConfigError([f"distributed.strategy={cfg.distributed.strategy!r} is not wired into finetune in this "
                            "version; use distributed.strategy: none"])
     if cfg.hub.push:  # offline, no token, bad repo id, no write access: fail now, not after training
-        from tunekit.hub import check_push_config
+        from tunekit.hub import PushError, check_push_config
 
-        check_push_config(cfg.hub)
+        try:
+            check_push_config(cfg.hub)
+        except PushError as err:  # a run that cannot push is refused like any config: exit 2
+            raise ConfigError([str(err)]) from None
     if problem := external_launch_problem():
         raise ConfigError([problem])
 

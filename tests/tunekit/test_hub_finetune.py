@@ -38,7 +38,7 @@ def test_no_token_stops_the_run_before_training(hub, tmp_path, monkeypatch, caps
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     cfg = _config(tmp_path)
-    assert main(["finetune", _write(tmp_path, cfg)]) == 1
+    assert main(["finetune", _write(tmp_path, cfg)]) == 2  # refused before anything runs, like any config that cannot run
     assert "no Hugging Face token" in capsys.readouterr().err
     assert not (tmp_path / "run-causal_lm-lora").exists()
 
