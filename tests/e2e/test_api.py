@@ -51,7 +51,8 @@ def test_from_config_base_is_saved_so_the_adapter_reloads(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "env", "needle"), [
-    ("distributed.strategy=fsdp", {}, "distributed.strategy='fsdp'"),
+    # a sharding strategy on one process
+    ("distributed.strategy=fsdp", {}, "distributed.strategy=fsdp shards the model over processes but this run has 1"),
     ("hub.push=true", {}, "hub.push=true"),
     # an external launcher's processes would each train the same rows into the same folder
     ("train.lr=0.01", {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, "distributed.strategy: none"),

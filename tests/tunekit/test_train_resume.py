@@ -8,10 +8,9 @@ real with train.resume_with_changes.
 import pytest
 from _train_data import ToyLM
 from _trainer_runs import assert_same_weights, lora_trainer, run, snapshot, trainable
-from safetensors.torch import load_file
 
 from tunekit.train import list_checkpoints
-from tunekit.train.checkpoint import run_id_of
+from tunekit.train.checkpoint import read_trainable, run_id_of
 
 # A schedule whose first steps do not depend on the run's length: warmup 0 -> 0.5 -> 1, then constant.
 CONSTANT = dict(scheduler="constant", warmup_steps=2)
@@ -89,7 +88,7 @@ def test_resume_with_changes_applies_a_new_lr_for_real(tmp_path, capsys):
     sgd = dict(optimizer="sgd", scheduler="constant", warmup_steps=0, max_grad_norm=None, lr=0.5, keep_last=None)
     data = ToyLM(n=10)
     run(tmp_path / "a", data, **sgd, max_steps=3, save_every=3)
-    w3 = load_file(str(tmp_path / "a" / "checkpoints" / "step-3" / "trainable.safetensors"))
+    w3 = read_trainable(tmp_path / "a" / "checkpoints" / "step-3")
     step_3 = str(tmp_path / "a" / "checkpoints" / "step-3")
     same, _ = run(tmp_path / "same", data, **sgd, max_steps=4, resume=step_3)
     capsys.readouterr()
