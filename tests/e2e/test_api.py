@@ -87,6 +87,8 @@ def test_qlora_run_with_checkpointing_then_unquantized_merge(tmp_path, capsys):
     assert type(reloaded.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     capsys.readouterr()
     assert main(["merge", str(result.adapter_dir), "--out", str(tmp_path / "merged")]) == 0
+    # merged into the dequantized 4-bit weights it trained against, not streamed from the fp32 files
+    assert "loaded whole: the adapter was trained on a quantized base" in capsys.readouterr().out
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert type(merged.model.layers[0].self_attn.q_proj).__name__ == "Linear"
     assert merged.dtype == torch.float32

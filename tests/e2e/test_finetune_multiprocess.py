@@ -168,3 +168,21 @@ def test_sigterm_to_the_launcher_checkpoints_and_the_same_command_resumes(refere
     assert main(["finetune", str(cut), *end, *args]) == 0
     ours = _adapter(alone)
     assert all(max_abs_diff(ours[k], theirs[k]) <= DIST_RESUME_OTHER_WORLD for k in theirs)
+
+
+def test_tunekit_merge_streams_the_base_and_equals_the_in_memory_merge(reference, tmp_path, capsys):
+    from tunekit.inference import merge_adapter
+
+    _, ref = reference
+    assert main(["merge", str(ref / "adapter"), "--out", str(tmp_path / "streamed")]) == 0
+    assert "(streamed shard by shard)" in capsys.readouterr().out
+    merge_adapter(ref / "adapter", tmp_path / "in-memory")  # the model loaded whole, merged, saved
+    ours, theirs = load_file(str(tmp_path / "streamed" / "model.safetensors")), \
+        load_file(str(tmp_path / "in-memory" / "model.safetensors"))
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    with torch.no_grad():
+        assert max_abs_diff(plain(input_ids=IDS).logits, load_adapted(ref / "adapter").model(input_ids=IDS).logits) \
+            <= FP32_EXACT

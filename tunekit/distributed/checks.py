@@ -83,6 +83,10 @@ def check_before_launch(options: DistributedOptions, *, nproc: int | None = None
     mesh_shape(options, world)  # dp_replicate must divide the world
     if options.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"distributed.strategy=deepspeed needs DeepSpeed, which is not installed: {INSTALL_DEEPSPEED}")
+    if options.strategy == "deepspeed" and options.deepspeed_config is not None:
+        from tunekit.distributed.deepspeed_zero import deepspeed_config
+
+        deepspeed_config(options, world)  # the user's file: there, JSON, not contradicting what tunekit needs
     problem = config_problem(options, adapter_method, quantization, fused_cross_entropy=fused_cross_entropy)
     if problem:
         raise ValueError(problem)

@@ -9,11 +9,13 @@ falls in one of three groups:
                  checkpointing, the output, hub and distributed sections, and
                  evaluation settings when no early stopping watches them: they
                  change no weight of any step and not where the run ends
-    global batch batch_size, grad_accum_steps and the data-parallel size (the
-                 ``data_parallel_size`` the trainer records): harmless while
-                 their product, the global batch, is the same (another split of
-                 the same rows; the sums then differ only in rounding), else
-                 they alter training
+    the split    batch_size, grad_accum_steps and the data-parallel size (the
+                 ``data_parallel_size`` the trainer records): while their
+                 product, the global batch, is the same, every step reads the
+                 same rows and the loss the same targets (sums differ in
+                 rounding, random dropout masks differ); reported apart and
+                 allowed (that is how a run resumes on another number of
+                 processes), else they alter training
     schedule     lr, scheduler, warmup, max_steps, epochs: harmless when the
                  learning rates of the steps already taken are the same under
                  both configs (a constant schedule run longer or shorter),
@@ -67,6 +69,8 @@ class ConfigChanges:
     """Changed fields (``section.field -> (old, new)``), grouped by their effect on training."""
 
     harmless: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    resplit: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    """Another split of the same global batch over micro-batches and processes."""
     altering: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
@@ -107,9 +111,11 @@ def compare_configs(old: Mapping[str, Any], new: Mapping[str, Any], *, steps_don
     same_global_batch = old_train is not None and global_batch(old) == global_batch(new)
     changes = ConfigChanges()
     for key, change in changed.items():
+        if key in _GLOBAL_BATCH and same_global_batch:
+            changes.resplit[key] = change
+            continue
         harmless = (key in _BOOKKEEPING or key.split(".")[0] in _BOOKKEEPING_SECTIONS
-                    or (key in _EVALUATION and not watched) or (key in _SCHEDULE and same_lrs)
-                    or (key in _GLOBAL_BATCH and same_global_batch))
+                    or (key in _EVALUATION and not watched) or (key in _SCHEDULE and same_lrs))
         (changes.harmless if harmless else changes.altering)[key] = change
     return changes
 
@@ -167,4 +173,7 @@ def resume_note(saved_config: Mapping[str, Any], run_config: Mapping[str, Any], 
                      f"{describe(changes.altering)}")
     if changes.harmless:
         parts.append(f"changed without effect on the trajectory: {describe(changes.harmless)}")
+    if changes.resplit:
+        parts.append(f"the same global batch of {global_batch(run_config)} rows split another way (the same rows "
+                     f"per step; sums round differently, dropout masks differ): {describe(changes.resplit)}")
     return "; ".join(parts)
