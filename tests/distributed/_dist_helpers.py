@@ -68,7 +68,8 @@ def build_model(kind: str, *, base_dir: str | None = None, adapter_seed: int = 0
 
 def toy_data(kind: str, rows: int = 22):
     """Rows of varied length and prompt masking: ranks get uneven numbers of targets."""
-    return ToyCls(n=rows, n_eval=0) if kind == "head" else ToyLM(n=rows, n_eval=0, max_len=10)
+    # The classifier evaluates (its new head lives in FSDP's root unit, left gathered by an eval forward).
+    return ToyCls(n=rows, n_eval=5) if kind == "head" else ToyLM(n=rows, n_eval=0, max_len=10)
 
 
 def train_config(steps: int, batch_size: int, accum: int, *, resume: str = "never", save_every: int | None = None,
