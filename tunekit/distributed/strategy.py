@@ -1,6 +1,6 @@
 """The strategy interface: everything device- and process-related the trainer does.
 
-One object per run. The trainer (phase 2) drives it like this, on every rank::
+One object per run. ``tunekit.train.Trainer`` drives it like this, on every rank::
 
     model, optimizer = strategy.prepare(model, build_optimizer)
     for each optimizer step:
@@ -185,14 +185,6 @@ class Strategy:
         box = [value]
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
-
-    def agree(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any (a stop signal, early stopping)."""
-        if self.runtime.world_size == 1:
-            return bool(flag)
-        packed = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
-        return bool(packed.item())
 
     def barrier(self) -> None:
         if self.runtime.world_size > 1:
