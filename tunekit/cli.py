@@ -1,6 +1,7 @@
 """The ``tunekit`` command: finetune, merge, generate, push, estimate.
 
     tunekit finetune CONFIG [key=value ...] [--print-config]     (flags and overrides in any order)
+    tunekit finetune CONFIG --nproc N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]
     tunekit merge ADAPTER_DIR [--base MODEL] --out DIR
     tunekit generate MODEL_OR_ADAPTER --prompt TEXT [--base MODEL]
     tunekit push RUN_OR_ADAPTER_DIR --repo USER/NAME [--merged] [--base-model HUB_ID] ...
@@ -38,14 +39,22 @@ def _finetune_parser(sub, common) -> None:
                    help="the config file (unless --config is given) and any dotted key=value overrides")
     p.add_argument("--config", "-c", help="the YAML config file (alternative to the positional CONFIG)")
     p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config (file + overrides + defaults) as YAML and exit without training")
+                   help="print the resolved config (file + overrides + defaults) as YAML and exit without training "
+                        "(with distributed.strategy: deepspeed, also the DeepSpeed JSON it generates)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="start N processes on this node (torchrun's --nproc-per-node); distributed.strategy says "
+                        "how they share the work. Not needed under torchrun, accelerate launch, deepspeed or srun")
+    p.add_argument("--nnodes", type=int, default=1, metavar="M", help="nodes of the job (with --nproc; default 1)")
+    p.add_argument("--node-rank", type=int, metavar="R", help="this node's rank (multi-node, fixed node ranks)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="the first node's address (multi-node)")
 
 
 def _merge_parser(sub, common) -> None:
     p = sub.add_parser(
         "merge", parents=[common], help="merge a saved adapter into its base model",
-        description="Load the base model, load the adapter, fold it into the weights and save a plain "
-                    "transformers model (+ tokenizer) that loads without tunekit.",
+        description="Fold the adapter into its base's weights and save a plain transformers model (+ tokenizer) "
+                    "that loads without tunekit. LoRA / DoRA on an unquantized base stream the base's safetensors "
+                    "shard by shard (memory about one shard); otherwise the base is loaded whole.",
     )
     p.add_argument("adapter_dir", help="folder with adapter_config.json + adapter_model.safetensors")
     p.add_argument("--base", help="base model (Hub id, folder or pkg:<package>); default: the one the adapter records")
@@ -194,6 +203,35 @@ def _split_finetune_args(args: argparse.Namespace) -> tuple[str, list[str]]:
     return paths[0], overrides
 
 
+def _deepspeed_comment(cfg, args: argparse.Namespace) -> str:
+    """The DeepSpeed config a deepspeed run uses, as YAML comments (the printed config stays loadable)."""
+    import json
+
+    from tunekit.config import distributed_options
+    from tunekit.distributed.deepspeed_zero import deepspeed_config
+    from tunekit.distributed.env import read_env
+
+    world = args.nproc * args.nnodes if args.nproc else read_env().world_size
+    text = json.dumps(deepspeed_config(distributed_options(cfg), world), indent=2)
+    source = cfg.distributed.deepspeed_config or "generated"
+    head = (f"# distributed.strategy: deepspeed, {world} process(es): the DeepSpeed config ({source}); write it to a "
+            "file and set distributed.deepspeed_config to replace it\n")
+    return head + "".join(f"# {line}\n" for line in text.splitlines())
+
+
+def _launch_finetune(args: argparse.Namespace, cfg, path: str, overrides: list[str]) -> int:
+    """``--nproc N``: refuse what cannot work, then run the same command (without the launch flags) on N ranks."""
+    from tunekit.api import check_runnable
+    from tunekit.distributed.launch import launch_command
+
+    if args.nproc < 1 or args.nnodes < 1:
+        raise UsageError(f"finetune: --nproc {args.nproc} --nnodes {args.nnodes}: need at least 1 of each")
+    check_runnable(cfg, nproc=args.nproc, nnodes=args.nnodes)
+    argv = ["finetune", path, *overrides, *(["--debug"] if args.debug else [])]
+    return launch_command(argv, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                          rdzv_endpoint=args.rdzv_endpoint)
+
+
 def _run_finetune(args: argparse.Namespace) -> int:
     from tunekit.config import config_to_yaml, load_config
 
@@ -201,10 +239,16 @@ def _run_finetune(args: argparse.Namespace) -> int:
     cfg = load_config(path, overrides)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
+        if cfg.distributed.strategy == "deepspeed":
+            print(_deepspeed_comment(cfg, args), end="")
         return 0
+    if args.nproc is None and (args.nnodes != 1 or args.node_rank is not None or args.rdzv_endpoint):
+        raise UsageError("finetune: --nnodes, --node-rank and --rdzv-endpoint go with --nproc N (processes per node)")
+    if args.nproc is not None and (args.nproc != 1 or args.nnodes != 1):
+        return _launch_finetune(args, cfg, path, overrides)
     from tunekit.api import finetune
 
-    result = finetune(cfg)
+    result = finetune(cfg)  # one process (--nproc 1), or one rank of an external launcher's job
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
@@ -212,10 +256,11 @@ def _run_merge(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"merge: --out {args.out} is a file; give a folder (new or existing) to write the merged "
                          "model to")
-    from tunekit.inference import merge_adapter
+    from tunekit.distributed.merge_plan import merge_saved_adapter
 
-    out = merge_adapter(args.adapter_dir, Path(args.out), base=args.base, dtype=args.dtype)
-    print(f"merged model written to {out}")
+    # Streamed shard by shard from the base on disk where that gives the same model (peak memory
+    # about one shard), else the base is loaded whole (a QLoRA adapter: into its dequantized weights).
+    print(merge_saved_adapter(args.adapter_dir, Path(args.out), base=args.base, dtype=args.dtype).summary())
     return 0
 
 
