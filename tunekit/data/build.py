@@ -96,10 +96,11 @@ class DataBundle:
     """Extra keyword arguments for every training / eval forward. ``use_cache=False`` is required
     for packed rows: with a cache, transformers skips the packed-sequence mask."""
 
-    def train_order(self, epoch: int, seed: int) -> list[int]:
+    def train_order(self, epoch: int, seed: int, step_rows: int | None = None) -> list[int]:
         """Indices into ``train`` for one epoch: deterministic per ``(epoch, seed)``, shuffled, or
-        length-grouped when ``group_by_length``. Slice batches from it; resume by skipping."""
-        return train_order(self.train.lengths(), epoch, seed, group_size=self.group_size)
+        length-grouped when ``group_by_length`` (groups cut to a multiple of ``step_rows``, the rows
+        of one optimizer step, when given). Slice batches from it; resume by skipping."""
+        return train_order(self.train.lengths(), epoch, seed, group_size=self.group_size, step_rows=step_rows)
 
 
 def _sort_labels(labels: set[str]) -> list[str]:

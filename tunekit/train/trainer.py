@@ -49,7 +49,15 @@ from tunekit.train.checkpoint import (
 )
 from tunekit.train.config import TrainConfig
 from tunekit.train.logging import RunLogger
-from tunekit.train.loss import TASKS, EvalMeter, batch_tokens, fused_loss_fn, model_loss, target_count
+from tunekit.train.loss import (
+    TASKS,
+    EvalMeter,
+    batch_tokens,
+    evaluation_loss,
+    fused_loss_fn,
+    model_loss,
+    target_count,
+)
 from tunekit.train.optim import build_optimizer, build_scheduler
 from tunekit.train.resume import resume_note
 from tunekit.train.runtime import external_launch_problem, make_accelerator, peak_memory_mib
@@ -119,7 +127,8 @@ class Trainer:
         model: a Hugging Face model (adapters injected, base frozen) whose forward takes the
             collated batch and returns ``.loss`` and ``.logits``.
         data: a DataBundle (duck-typed): ``train`` and ``eval`` (sized sequences of rows, eval may be
-            None), ``collate(rows) -> dict[str, Tensor]``, ``train_order(epoch, seed) -> list[int]``,
+            None), ``collate(rows) -> dict[str, Tensor]``, ``train_order(epoch, seed, step_rows) -> list[int]``
+            (``step_rows``: rows per optimizer step, for length groups that batches do not straddle),
             ``task`` ("causal_lm" | "seq_cls" | "seq2seq").
         cfg: the training config.
         output_dir: run folder: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``.
@@ -206,8 +215,8 @@ class Trainer:
 
     def windows(self, epoch: int, start: int = 0) -> list[list[list[int]]]:
         """Row indices of each optimizer step of ``epoch`` from step ``start``: [step][micro-batch][row]."""
-        order = list(self.data.train_order(epoch, self.cfg.seed))
         b, a = self.cfg.batch_size, self.cfg.grad_accum_steps
+        order = list(self.data.train_order(epoch, self.cfg.seed, step_rows=b * a))
         micro = [order[i : i + b] for i in range(0, len(order), b)]
         return [micro[i : i + a] for i in range(0, len(micro), a)][start:]
 
@@ -238,7 +247,7 @@ class Trainer:
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._fused_loss is not None:  # it runs the body with use_cache=False itself
             return self._fused_loss(self.wrapped, batch)
-        return model_loss(self.wrapped, batch, self._forward_kwargs)
+        return model_loss(self.wrapped, batch, self._forward_kwargs, self.data.task)
 
     def _clip(self) -> float:
         params = [p for p in self.wrapped.parameters() if p.requires_grad]
@@ -258,18 +267,13 @@ class Trainer:
         if rows is None or len(rows) == 0:
             raise ValueError("no eval data: set data.eval_files, data.eval_split or data.eval_fraction")
         meter, size = EvalMeter(self.data.task, self.metric_fn), self.cfg.eval_batch_size or self.cfg.batch_size
-        # Only accuracy and metric_fn read logits; an LM loss on the fused path never builds (B, T, V) ones.
-        needs_logits = self.data.task == "seq_cls" or self.metric_fn is not None
         was_training = self.wrapped.training
         self.wrapped.eval()
         for start in range(0, len(rows), size):
             batch = self._to_device(self.data.collate([rows[i] for i in range(start, min(start + size, len(rows)))]))
             with self.accelerator.autocast():
-                if self._fused_loss is not None and not needs_logits:
-                    loss, logits = self._fused_loss(self.wrapped, batch), None
-                else:
-                    out = self.wrapped(**batch, **self._forward_kwargs)
-                    loss, logits = out.loss, out.logits.float() if needs_logits else None
+                loss, logits = evaluation_loss(self.wrapped, batch, self.data.task, self._forward_kwargs,
+                                               need_logits=self.metric_fn is not None, fused_loss=self._fused_loss)
             meter.add(batch, loss.float(), logits)
         self.wrapped.train(was_training)
         return meter.result()
