@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 from bisect import bisect_left, insort
 
-from tunekit.data.formats import IGNORE_INDEX, Example
+from tunekit.data.formats import IGNORE_INDEX
 from tunekit.data.rows import TokenizedRows
 
 
@@ -64,16 +64,17 @@ def pack_groups(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def pack_examples(examples: list[Example], capacity: int) -> TokenizedRows:
-    """Concatenate causal-LM examples into packed rows with restarting ``position_ids``."""
+def pack_examples(examples: TokenizedRows, capacity: int) -> TokenizedRows:
+    """Concatenate causal-LM examples (rows with ``input_ids`` and ``labels``) into packed rows with
+    restarting ``position_ids``."""
     packed = TokenizedRows(("input_ids", "labels", "position_ids"))
-    for group in pack_groups([len(ex.input_ids) for ex in examples], capacity):
+    for group in pack_groups(examples.lengths(), capacity):
         ids, labels, positions = [], [], []
         for i in group:
             ex = examples[i]
-            ids += ex.input_ids
-            labels += [IGNORE_INDEX, *ex.labels[1:]]
-            positions += range(len(ex.input_ids))
+            ids += ex["input_ids"]
+            labels += [IGNORE_INDEX, *ex["labels"][1:]]
+            positions += range(len(ex["input_ids"]))
         packed.append(input_ids=ids, labels=labels, position_ids=positions)
     return packed
 

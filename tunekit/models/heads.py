@@ -66,7 +66,7 @@ def next_token_targets(labels: torch.Tensor, length: int) -> torch.Tensor:
 
     Example:
         >>> next_token_targets(torch.tensor([[-100, 5, 6]]), 4).tolist()
-        [[-100, -100, 5, 6]]
+        [[-100, 5, 6, -100]]
     """
     extra = length - labels.shape[1]
     if extra < 0:
