@@ -139,4 +139,5 @@ def target_positions(model: nn.Module, batch: dict[str, torch.Tensor], forward_k
     if logits.ndim != 3 or tuple(logits.shape[:2]) != (1, n):
         raise ValueError(f"{type(hf).__name__}'s head returned logits {tuple(logits.shape)} for {n} gathered "
                          "positions, not (1, N, V): it post-processes the body's output per position")
-    return TargetPositions(kept["targets"], logits[0], None)
+    # reshape, not logits[0]: a view, whose backward is free (a select's zero-fills (1, N, V) first)
+    return TargetPositions(kept["targets"], logits.reshape(n, logits.shape[-1]), None)
