@@ -132,34 +132,56 @@ def fused_loss_fn(task: str) -> LossFn:
 
 
 class EvalMeter:
-    """Accumulates target-weighted loss, accuracy (seq_cls) and ``metric_fn`` results over eval batches."""
+    """Accumulates target-weighted loss, accuracy (seq_cls) and ``metric_fn`` results over eval batches.
+
+    Sums stay tensors on the batches' device (no host read per batch); ``result`` reads them
+    once, after ``reduce`` (e.g. a strategy's ``all_reduce_sums``) summed them over processes.
+    """
 
     def __init__(self, task: str, metric_fn: Callable | None = None) -> None:
         self.task, self.metric_fn = task, metric_fn
-        self.loss_sum, self.targets, self.rows, self.correct = 0.0, 0, 0, 0
-        self.extra: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor | float] = {"loss_sum": 0.0, "targets": 0.0, "rows": 0.0, "correct": 0.0}
+        self.extra_keys: list[str] = []
 
-    def add(self, batch: dict[str, torch.Tensor], loss: torch.Tensor, logits: torch.Tensor | None) -> None:
-        """Add one batch: its mean ``loss`` and ``logits`` ((B, C) for seq_cls; needed for seq_cls and
-        ``metric_fn`` only, None otherwise)."""
-        n, rows = target_count(batch, self.task), batch["labels"].shape[0]
-        if n:
-            self.loss_sum += float(loss) * n
-        self.targets += n
-        self.rows += rows
+    def _targets(self, labels: torch.Tensor) -> torch.Tensor:
         if self.task == "seq_cls":
-            self.correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            return torch.tensor(float(labels.shape[0]), device=labels.device)
+        if self.task == "causal_lm":
+            labels = labels[..., 1:]
+        return (labels != IGNORE_INDEX).sum().double()
+
+    def add(self, batch: dict[str, torch.Tensor], loss: torch.Tensor, logits: torch.Tensor | None,
+            counts: bool = True) -> None:
+        """Add one batch: its mean ``loss`` and ``logits`` ((B, C) for seq_cls; needed for seq_cls and
+        ``metric_fn`` only, None otherwise). ``counts=False`` adds nothing but the metric names (a
+        placeholder batch that ran only to keep the processes in step)."""
+        weight = 1.0 if counts else 0.0
+        labels, rows = batch["labels"], batch["labels"].shape[0] * weight
+        n = self._targets(labels) * weight
+        # An all-masked batch has a NaN (0/0) mean loss: it adds nothing (where() drops the NaN).
+        self.sums["loss_sum"] = self.sums["loss_sum"] + torch.where(n > 0, loss.detach().double() * n, 0.0)
+        self.sums["targets"] = self.sums["targets"] + n
+        self.sums["rows"] += rows
+        if self.task == "seq_cls":
+            self.sums["correct"] = self.sums["correct"] + (logits.argmax(-1) == labels).sum().double() * weight
         if self.metric_fn is not None:
             for key, value in self.metric_fn(logits, batch).items():
-                self.extra[key] = self.extra.get(key, 0.0) + float(value) * rows
+                if key not in self.extra_keys:
+                    self.extra_keys.append(key)
+                self.sums[f"extra.{key}"] = self.sums.get(f"extra.{key}", 0.0) + float(value) * rows
 
-    def result(self) -> dict[str, float]:
-        """loss, and perplexity (LM tasks) or accuracy (seq_cls), plus metric_fn keys (row-weighted)."""
-        loss = self.loss_sum / max(1, self.targets)
+    def result(self, reduce: Callable[[dict], dict[str, float]] | None = None) -> dict[str, float]:
+        """loss, and perplexity (LM tasks) or accuracy (seq_cls), plus metric_fn keys (row-weighted).
+
+        ``reduce(sums) -> sums`` combines the sums of several processes (one call); without it
+        they are this process's.
+        """
+        sums = reduce(self.sums) if reduce is not None else {k: float(v) for k, v in self.sums.items()}
+        loss = sums["loss_sum"] / max(1.0, sums["targets"])
         out = {"loss": loss}
         if self.task == "seq_cls":
-            out["accuracy"] = self.correct / max(1, self.rows)
+            out["accuracy"] = sums["correct"] / max(1.0, sums["rows"])
         else:
             out["perplexity"] = math.exp(min(loss, 700.0))  # exp overflows a float past ~709
-        out.update({k: v / max(1, self.rows) for k, v in self.extra.items()})
+        out.update({k: sums[f"extra.{k}"] / max(1.0, sums["rows"]) for k in self.extra_keys})
         return out
