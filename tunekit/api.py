@@ -161,6 +161,7 @@ def _setup(cfg: FinetuneConfig, out: Path, scratch: Path, main: bool) -> _Setup:
     from tunekit.adapters import inject_adapters, trainable_parameters
     from tunekit.data import build_dataset, label_names_for
     from tunekit.models import load_model
+    from tunekit.models.fastpath import choose_fast_path
 
     task = task_for(cfg)
     labels = label_names_for(cfg.data) if task == "seq_cls" else None
@@ -178,6 +179,12 @@ def _setup(cfg: FinetuneConfig, out: Path, scratch: Path, main: bool) -> _Setup:
         new_base = scratch / "base"
         model.save_pretrained(new_base)
         tokenizer.save_pretrained(new_base)
+    # data.packing null / attention auto: packing and the varlen attention where exact on this model.
+    fast = choose_fast_path(model, task=task, method=cfg.adapter.method, packing=cfg.data.packing,
+                            attn_implementation=cfg.model.attn_implementation)
+    cfg.data.packing = fast.packing  # resolved_config.yaml and the checkpoints record what ran
+    if main:
+        print(fast.note)
     data = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed)
     base = _base_record(cfg, saved_base or (out / "base").resolve(), model, task, labels)
     report = inject_adapters(model, cfg.adapter)

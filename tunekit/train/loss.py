@@ -10,6 +10,12 @@ counts as a target is the task's:
     causal_lm   labels[:, 1:] != -100   (transformers shifts labels by one)
     seq2seq     labels != -100
     seq_cls     one per row
+
+A causal LM's loss runs its output head on the target positions only
+(``tunekit.models.heads``): prompts and padding get no logits, in training and
+in evaluation. ``evaluation_loss`` is the one function evaluation calls; it asks
+the model for its full logits only when something reads them (seq_cls accuracy,
+a ``metric_fn``).
 """
 
 from __future__ import annotations
@@ -18,9 +24,13 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tunekit.adapters.hf.tasks import IGNORE_INDEX, TASKS
+from tunekit.models.heads import supports_target_head, target_positions
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
 def target_count(batch: dict[str, torch.Tensor], task: str) -> int:
@@ -36,20 +46,78 @@ def target_count(batch: dict[str, torch.Tensor], task: str) -> int:
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Input tokens in ``batch`` (non-padding when there is an attention mask)."""
+    """Real (non-padding) input tokens in ``batch``.
+
+    Padded rows: the attention mask's ones. Packed rows (``position_ids``, no mask): every
+    position but each row's padded tail, the last position-id run of a row when none of its
+    labels is a target (a packed example always has one; see ``tunekit.data.packing``).
+    Call it on the host batch to avoid a device sync.
+    """
     mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    if mask is not None:
+        return int(mask.sum())
+    ids, positions, labels = batch["input_ids"], batch.get("position_ids"), batch.get("labels")
+    if positions is None or labels is None or labels.shape != ids.shape:
+        return ids.numel()
+    positions = positions.expand_as(ids)
+    run = torch.ones_like(positions, dtype=torch.long)
+    run[:, 1:] = (positions[:, 1:] != positions[:, :-1] + 1).long()
+    run = run.cumsum(-1)  # (B, T) index of the position-id run of every token
+    last = run == run[:, -1:]
+    tail = last & ~((labels != IGNORE_INDEX) & last).any(-1, keepdim=True)
+    return ids.numel() - int(tail.sum())
 
 
-def model_loss(model: nn.Module, batch: dict[str, torch.Tensor], forward_kwargs: dict) -> torch.Tensor:
-    """The model's own mean loss on ``batch`` (transformers computes it from ``labels``)."""
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], forward_kwargs: dict | None = None
+                   ) -> torch.Tensor:
+    """``model(**batch).loss`` of a causal LM, with the head and cross-entropy on target positions only.
+
+    Equal to transformers' loss (mean over ``labels[:, 1:] != -100``, fp32 logits) up to rounding.
+    """
+    picked = target_positions(model, batch, forward_kwargs)
+    return F.cross_entropy(picked.logits.float(), picked.targets)
+
+
+def model_loss(model: nn.Module, batch: dict[str, torch.Tensor], forward_kwargs: dict,
+               task: str | None = None) -> torch.Tensor:
+    """The mean loss of ``batch``: for ``task="causal_lm"`` (and a model with a body and a head, every
+    ``*ForCausalLM``) via ``causal_lm_loss``, otherwise the model's own (transformers computes it
+    from ``labels``)."""
+    if task == "causal_lm" and supports_target_head(model):
+        return causal_lm_loss(model, batch, forward_kwargs)
     loss = model(**batch, **forward_kwargs).loss
     if loss is None:
         raise ValueError(f"{type(model).__name__} returned no loss: is it a model with a task head?")
     return loss
 
 
-def fused_loss_fn(task: str) -> Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
+def evaluation_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str, forward_kwargs: dict | None = None,
+                    *, need_logits: bool = False, fused_loss: LossFn | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The mean loss of one evaluation batch and, when something reads them, the model's logits.
+
+    Args:
+        model: the (possibly wrapped) model, in eval mode, under ``torch.no_grad``.
+        batch: a collated batch with ``labels``.
+        task: ``causal_lm``, ``seq_cls`` or ``seq2seq``.
+        forward_kwargs: extra forward arguments (``DataBundle.forward_kwargs``).
+        need_logits: a ``metric_fn`` reads the logits (seq_cls always gets them, for accuracy).
+        fused_loss: ``fn(model, batch)`` of ``train.fused_cross_entropy``, for LM losses without logits.
+
+    Returns:
+        (loss, logits): logits are fp32, (B, C) for seq_cls or the model's (B, T, V), only when
+        needed; an LM loss without them runs the head on target positions only (or fused).
+    """
+    forward_kwargs = forward_kwargs or {}
+    need_logits = need_logits or task == "seq_cls"
+    if not need_logits and task == "causal_lm":
+        loss = fused_loss(model, batch) if fused_loss is not None else model_loss(model, batch, forward_kwargs, task)
+        return loss, None
+    out = model(**batch, **forward_kwargs)
+    return out.loss, out.logits.float() if need_logits else None
+
+
+def fused_loss_fn(task: str) -> LossFn:
     """``tunekit.models.kernels.fused_causal_lm_loss``, imported now so a missing kernel fails before training."""
     if task != "causal_lm":
         raise ValueError(f"train.fused_cross_entropy is for causal_lm data, this data's task is {task!r}; set it to false")

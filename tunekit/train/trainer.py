@@ -54,7 +54,15 @@ from tunekit.train.checkpoint import (
 )
 from tunekit.train.config import TrainConfig
 from tunekit.train.logging import RunLogger
-from tunekit.train.loss import TASKS, EvalMeter, batch_tokens, fused_loss_fn, model_loss, target_count
+from tunekit.train.loss import (
+    TASKS,
+    EvalMeter,
+    batch_tokens,
+    evaluation_loss,
+    fused_loss_fn,
+    model_loss,
+    target_count,
+)
 from tunekit.train.optim import build_optimizer, build_scheduler
 from tunekit.train.progress import Progress, TrainResult
 from tunekit.train.resume import resume_note, sections_changed
@@ -97,7 +105,8 @@ class Trainer:
         model: a Hugging Face model (adapters injected, base frozen) whose forward takes the
             collated batch and returns ``.loss`` and ``.logits``; on the CPU (the strategy places it).
         data: a DataBundle (duck-typed): ``train`` and ``eval`` (sized sequences of rows, eval may be
-            None), ``collate(rows) -> dict[str, Tensor]``, ``train_order(epoch, seed) -> list[int]``,
+            None), ``collate(rows) -> dict[str, Tensor]``, ``train_order(epoch, seed, step_rows) -> list[int]``
+            (``step_rows``: rows per optimizer step, for length groups that batches do not straddle),
             ``task`` ("causal_lm" | "seq_cls" | "seq2seq").
         cfg: the training config.
         output_dir: run folder: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``.
@@ -205,7 +214,9 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def windows(self, epoch: int, start: int = 0) -> list[list[MicroBatch]]:
         """This rank's micro-batches of each optimizer step of ``epoch`` from step ``start``: [step][micro-batch]."""
-        return rank_windows(self.data.train_order(epoch, self.cfg.seed), batch_size=self.cfg.batch_size,
+        # Length groups are rounded to whole optimizer steps of all ranks, so no step straddles two groups.
+        order = self.data.train_order(epoch, self.cfg.seed, step_rows=self.global_batch)
+        return rank_windows(order, batch_size=self.cfg.batch_size,
                             grad_accum_steps=self.cfg.grad_accum_steps, dp_size=self.strategy.dp_size,
                             dp_rank=self.strategy.dp_rank, start_step=start)
 
@@ -249,16 +260,9 @@ class Trainer:
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._fused_loss is not None:  # it runs the body with use_cache=False itself
             return self._fused_loss(self.wrapped, batch)
-        return model_loss(self.wrapped, batch, self._forward_kwargs)
+        return model_loss(self.wrapped, batch, self._forward_kwargs, self.data.task)
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_forward(self, batch: dict[str, torch.Tensor], needs_logits: bool):
-        """(mean loss, logits or None) of one evaluation batch."""
-        if self._fused_loss is not None and not needs_logits:
-            return self._fused_loss(self.wrapped, batch), None
-        out = self.wrapped(**batch, **self._forward_kwargs)
-        return out.loss, out.logits.float() if needs_logits else None
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss over ``data.eval`` (target-weighted) plus perplexity (LM) or accuracy (seq_cls).
@@ -273,14 +277,13 @@ class Trainer:
         if rows is None or len(rows) == 0:
             raise ValueError("no eval data: set data.eval_files, data.eval_split or data.eval_fraction")
         meter, size = EvalMeter(self.data.task, self.metric_fn), self.cfg.eval_batch_size or self.cfg.batch_size
-        # Only accuracy and metric_fn read logits; an LM loss on the fused path never builds (B, T, V) ones.
-        needs_logits = self.data.task == "seq_cls" or self.metric_fn is not None
         was_training = self.wrapped.training
         self.wrapped.eval()
         for micro in eval_shards(len(rows), size, self.strategy.dp_size, self.strategy.dp_rank):
             batch = self.strategy.to_device(self.data.collate([rows[i] for i in micro.rows]))
             with self.strategy.autocast():
-                loss, logits = self._eval_forward(batch, needs_logits)
+                loss, logits = evaluation_loss(self.wrapped, batch, self.data.task, self._forward_kwargs,
+                                               need_logits=self.metric_fn is not None, fused_loss=self._fused_loss)
             meter.add(batch, loss.float(), logits, counts=not micro.placeholder)
         self.wrapped.train(was_training)
         return meter.result(reduce=self.strategy.all_reduce_sums)
