@@ -107,14 +107,13 @@ def _adapter_union() -> Any:
     return Annotated[Union[classes], Field(discriminator="method")]  # noqa: UP007
 
 
-_FORMAT_TASKS = {"classification": "seq_cls", "seq2seq": "seq2seq"}
 
 
 def task_for(cfg: FinetuneConfig) -> str:
     """The model head a run needs: ``model.task``, or what ``data.format`` implies."""
     if cfg.model.task != "auto":
         return cfg.model.task
-    return _FORMAT_TASKS.get(cfg.data.format, "causal_lm")
+    return cfg.data.task
 
 
 class FinetuneConfig(BaseModel):
@@ -153,7 +152,7 @@ class FinetuneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> FinetuneConfig:
-        implied = _FORMAT_TASKS.get(self.data.format, "causal_lm")
+        implied = self.data.task
         if self.model.task not in ("auto", implied):
             raise ValueError(f"model.task={self.model.task!r} does not fit data.format={self.data.format!r} "
                              f"(which trains {implied!r}); set model.task: auto")

@@ -258,14 +258,17 @@ class DataConfig(BaseModel):
 
     @property
     def task(self) -> Literal["causal_lm", "seq_cls", "seq2seq"]:
-        """The model task this format trains: ``causal_lm``, ``seq_cls`` or ``seq2seq``."""
+        """The model task this format trains: ``causal_lm``, ``seq_cls`` or ``seq2seq`` (that of the
+        sources, which share one)."""
+        if self.sources:
+            return self.for_source(0).task
         return {"classification": "seq_cls", "seq2seq": "seq2seq"}.get(self.format, "causal_lm")
 
     @model_validator(mode="after")
     def _check_format(self) -> DataConfig:
         if self.format == "classification" and self.label_field is None:
             raise ValueError("data.format 'classification' needs data.label_field (the column with the label)")
-        if self.packing and self.format not in ("text", "instruction", "chat"):
+        if self.packing and self.task != "causal_lm":
             raise ValueError(f"data.packing works with causal-LM formats (text, instruction, chat), "
                              f"not data.format {self.format!r}: set data.packing to false")
         if "{prompt}" not in self.prompt_template or "{input}" not in self.prompt_template:
