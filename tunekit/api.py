@@ -37,6 +37,8 @@ from typing import Any
 import torch
 
 from tunekit.config import ConfigError, FinetuneConfig, config_to_yaml, load_config, task_for
+from tunekit.data.limits import check_position_limit
+from tunekit.run_report import report_run
 
 __all__ = ["BASE_INFO_NAME", "FinetuneResult", "finetune"]
 
@@ -231,6 +233,8 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, overrides:
 
     cfg = load_config(config, overrides)
     _check_runnable(cfg)
+    if note := check_position_limit(cfg):  # data.max_seq_len against the model's positions, before anything loads
+        print(note)
     out = Path(cfg.output.dir)
     with tempfile.TemporaryDirectory(prefix="tunekit-") as scratch:
         setup = _setup(cfg, out, Path(scratch))
@@ -239,7 +243,7 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, overrides:
     data = setup.data
     has_eval = data.eval is not None and len(data.eval) > 0
     before = trainer.evaluate() if cfg.output.eval_before and has_eval else None
-    trained = trainer.fit()
+    trained = trainer.fit(eval_before=before)
     if trained.interrupted:
         # A half-trained adapter must not look like the run's result: keep only the checkpoint.
         print(f"interrupted at step {trained.global_step}; run the same command again to resume "
@@ -251,13 +255,12 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, overrides:
     last_train = {k: v for k, v in (last_train or {}).items() if k != "split"}
     after = trained.final_metrics
     adapter_dir, merged_dir = _save(cfg, out, setup.model, setup.tokenizer, setup.base)
-    results = {"before": before, "after": after, "last_train_step": last_train}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     metrics = dict(after) if after is not None else {k: v for k, v in last_train.items() if k != "step"}
     result = FinetuneResult(metrics=metrics, metrics_before=before, output_dir=out, adapter_dir=adapter_dir,
                             merged_dir=merged_dir, metrics_file=trained.metrics_file, config_file=config_file,
                             train=trained, metrics_split="eval" if after is not None else "train")
-    print(_summary(result))
+    notes = report_run(cfg, result, setup.tokenizer)  # results.json, curves, model cards, tokenizer + template
+    print("\n".join([_summary(result), *notes]))
     if cfg.hub.push:  # after the final save: a failed push leaves every file in place
         from tunekit.hub import push_after_finetune
 

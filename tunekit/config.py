@@ -233,7 +233,8 @@ def load_config(source: str | Path | Mapping[str, Any] | FinetuneConfig,
         ConfigError: the file is missing or malformed, or the tree is invalid.
     """
     if isinstance(source, FinetuneConfig):
-        raw = source.model_dump(mode="json")
+        # Unset fields stay unset (defaults that depend on the model, e.g. data.max_seq_len, are adjusted later).
+        raw = source.model_dump(mode="json", exclude_unset=True)
     elif isinstance(source, Mapping):
         raw = dict(source)
     else:

@@ -48,7 +48,7 @@ from tunekit.train.checkpoint import (
     save_checkpoint,
 )
 from tunekit.train.config import TrainConfig
-from tunekit.train.logging import RunLogger
+from tunekit.train.logging import EvalProgress, RunLogger
 from tunekit.train.loss import TASKS, EvalMeter, batch_tokens, fused_loss_fn, model_loss, target_count
 from tunekit.train.optim import build_optimizer, build_scheduler
 from tunekit.train.resume import resume_note
@@ -262,7 +262,9 @@ class Trainer:
         needs_logits = self.data.task == "seq_cls" or self.metric_fn is not None
         was_training = self.wrapped.training
         self.wrapped.eval()
+        shown = EvalProgress(len(rows), enabled=self.accelerator.is_main_process)
         for start in range(0, len(rows), size):
+            shown.update(start)
             batch = self._to_device(self.data.collate([rows[i] for i in range(start, min(start + size, len(rows)))]))
             with self.accelerator.autocast():
                 if self._fused_loss is not None and not needs_logits:
@@ -271,17 +273,22 @@ class Trainer:
                     out = self.wrapped(**batch, **self._forward_kwargs)
                     loss, logits = out.loss, out.logits.float() if needs_logits else None
             meter.add(batch, loss.float(), logits)
+        shown.close()
         self.wrapped.train(was_training)
         return meter.result()
 
     def _has_eval(self) -> bool:
         return self.data.eval is not None and len(self.data.eval) > 0
 
-    def fit(self) -> TrainResult:
-        """Train to ``total_steps`` (or early stop / signal), evaluating and checkpointing as configured."""
+    def fit(self, eval_before: dict[str, float] | None = None) -> TrainResult:
+        """Train to ``total_steps`` (or early stop / signal), evaluating and checkpointing as configured.
+
+        ``eval_before``: the evaluation before training, logged at step 0 of a run that starts fresh."""
         progress = self._start()
-        log = RunLogger(self.output_dir, self.total_steps, progress.global_step, tensorboard=self.cfg.tensorboard,
-                        enabled=self.accelerator.is_main_process)
+        log = RunLogger(self.output_dir, self.total_steps, progress.global_step, report_to=self.cfg.trackers(),
+                        run_config=self.run_config, enabled=self.accelerator.is_main_process)
+        if eval_before is not None and progress.global_step == 0:
+            log.log("eval", 0, eval_before)
         self._pending.clear()
         if self._resume_note:
             log.message(self._resume_note)
