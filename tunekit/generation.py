@@ -3,10 +3,12 @@
 A reply ends at the model's EOS, the ids training closed responses with
 (``Loaded.stop_ids``), the chat template's end-of-turn text (``<|im_end|>``,
 ``<|eot_id|>``: an id when the tokenizer has it as one token, else a stop
-string), or a user's ``--stop`` string. transformers stops *after* a stop
-string is generated, so the text is cut before it; the streamer holds back
-the characters that could still become a stop string, so what is printed
-while generating is exactly what is returned.
+string), or a user's ``--stop`` string. Stop strings are checked on the
+decoded reply after every token (transformers' own ``stop_strings`` needs a
+tokenizer whose vocabulary it can map back to text, which not every one
+allows) and cut from the text; the streamer holds back the characters that
+could still become a stop string, so what is printed while generating is
+exactly what is returned.
 """
 
 from __future__ import annotations
@@ -106,6 +108,17 @@ class _StopStreamer:
             self.shown = ready
 
 
+class _StopOnText:
+    """A transformers stopping criterion: the reply (``ids[start:]``, decoded) holds a stop string."""
+
+    def __init__(self, tokenizer, start: int, stops: list[str]):
+        self.tok, self.start, self.stops = tokenizer, start, stops
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = [_cut(self.tok.decode(row[self.start:], skip_special_tokens=True), self.stops)[1] for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def _stop_ids_and_strings(loaded, options: GenerationOptions) -> tuple[list[int] | None, list[str]]:
     """(ids that end generation, strings that end it): the run's and the user's."""
     ids, strings = set(loaded.stop_ids() or []), list(options.stop)
@@ -130,7 +143,10 @@ def generate_text(loaded, ids: list[int], options: GenerationOptions | None = No
     prompt = torch.tensor([ids], device=model.device)
     kw = options.generate_kwargs()
     if stops:
-        kw.update(stop_strings=stops, tokenizer=tokenizer)
+        from transformers import StoppingCriteriaList
+
+        start = 0 if loaded.task == "seq2seq" else len(ids)  # a seq2seq model's ids are the decoder's
+        kw["stopping_criteria"] = StoppingCriteriaList([_StopOnText(tokenizer, start, stops)])
     streamer = _StopStreamer(tokenizer, stops, stream) if stream is not None else None
     generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), eos_token_id=eos,
                                pad_token_id=tokenizer.pad_token_id, streamer=streamer, **kw)

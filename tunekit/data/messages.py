@@ -110,8 +110,9 @@ class MessageReader:
                 return shape.role_key or role, shape.content_key or content
         return shape.role_key or "role", shape.content_key or "content"
 
-    def read(self, row: dict) -> list[dict]:
-        """The row's conversation as ``[{"role": system|user|assistant, "content": str}]``.
+    def read(self, row: dict, *, prompt: bool = False) -> list[dict]:
+        """The row's conversation as ``[{"role": system|user|assistant, "content": str}]`` (``prompt``: a
+        conversation to continue, which needs no reply in it).
 
         Raises:
             SkipRow: the row has no conversation of the configured shape (the reason names the keys found
@@ -130,7 +131,7 @@ class MessageReader:
             raise SkipRow(f"field {shape.field!r} is not a list of messages (objects)")
         messages = [self._message(shape, m) for m in value]
         messages = self._with_system(messages, row)
-        if self.cfg.mask_prompt and not any(m["role"] == "assistant" for m in messages):
+        if self.cfg.mask_prompt and not prompt and not any(m["role"] == "assistant" for m in messages):
             raise SkipRow("no assistant turn")
         return messages
 

@@ -161,7 +161,7 @@ class PromptRenderer:
         if cfg.format == "instruction":
             return self._open(self.instruction_text(row)), False
         if cfg.format == "chat":
-            return self.chat.prompt_ids(self.messages.read(row)), False
+            return self.chat.prompt_ids(self.messages.read(row, prompt=True)), False
         if cfg.format == "classification":
             pair = text_field(row, cfg.text_pair_field) if cfg.text_pair_field else None
             return self.bounded(cfg.max_seq_len, text_field(row, cfg.text_field), pair)
