@@ -59,6 +59,6 @@ def test_qlora_classifier_trains_and_reloads_quietly(bert_base, tmp_path, bits, 
     from safetensors.torch import load_file
 
     saved = load_file(result.adapter_dir / "adapter_model.safetensors")
-    in_use = {n.split(".")[-1]: p for n, p in loaded.model.named_parameters() if "classifier" in n}
+    in_use = dict(loaded.model.classifier.adapters["default"].named_parameters())  # the trained copy in use
     assert torch.equal(in_use["weight"], saved["base_model.model.classifier.weight"])  # the trained head, loaded
     assert torch.equal(in_use["bias"], saved["base_model.model.classifier.bias"])
