@@ -28,17 +28,43 @@ __all__ = ["main"]
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
+# The config's sections, for `finetune -h` (static text: -h must not import torch; a test compares it
+# with FinetuneConfig's fields).
+CONFIG_SECTIONS = {
+    "model": "the base model and tokenizer: name_or_path (Hub id, folder, pkg:), dtype, quantization, ...",
+    "adapter": "method (lora, prefix, prompt, bottleneck) and its fields: rank, alpha, target_modules, ...",
+    "data": "sources, format (text, instruction, chat, classification, seq2seq), fields, chat_template, lengths",
+    "train": "steps or epochs, batch, lr, schedule, precision, eval, checkpoints, report_to",
+    "distributed": "multi-process strategy",
+    "hub": "push the result to the Hugging Face Hub",
+    "output": "the run folder and what is written there",
+}
+FINETUNE_EPILOG = "config sections:\n" + "\n".join(f"  {k:<12} {v}" for k, v in CONFIG_SECTIONS.items()) + """
+
+Every key, its type, default and meaning: docs/config.md (generated from the config models).
+
+examples:
+  tunekit finetune cookbook/quickstart.yaml train.lr=1e-3 adapter.rank=16
+  tunekit finetune my_chat.yaml data.chat_template=llama3 data.train_turns=last --preview-data
+"""
+
+
 def _finetune_parser(sub, common) -> None:
     p = sub.add_parser(
         "finetune", parents=[common], help="train an adapter as a YAML config describes",
         description="Train an adapter. CONFIG is a YAML file (see cookbook/); key=value arguments override its "
                     "fields by dotted path (values are YAML: train.lr=1e-4, adapter.target_modules=[q_proj,v_proj]).",
+        epilog=FINETUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("args", nargs="*", metavar="CONFIG | key=value",
                    help="the config file (unless --config is given) and any dotted key=value overrides")
     p.add_argument("--config", "-c", help="the YAML config file (alternative to the positional CONFIG)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (file + overrides + defaults) as YAML and exit without training")
+    p.add_argument("--preview-data", action="store_true",
+                   help="print the first training examples as the model sees them (the part in the loss marked), "
+                        "token counts and the packing layout, then exit (loads the tokenizer, not the model)")
+    p.add_argument("--preview-rows", type=int, default=3, metavar="N", help="examples --preview-data shows (3)")
 
 
 def _merge_parser(sub, common) -> None:
@@ -191,6 +217,11 @@ def _run_finetune(args: argparse.Namespace) -> int:
     cfg = load_config(path, overrides)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
+        return 0
+    if args.preview_data:
+        from tunekit.data.preview import preview_data
+
+        print(preview_data(cfg, rows=args.preview_rows))
         return 0
     from tunekit.api import finetune
 
