@@ -1,10 +1,12 @@
-"""The ``tunekit`` command: finetune, merge, generate, chat, push.
+"""The ``tunekit`` command: finetune, merge, generate, chat, push, estimate.
 
     tunekit finetune CONFIG [key=value ...] [--print-config]     (flags and overrides in any order)
+    tunekit finetune CONFIG --nproc N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]
     tunekit merge ADAPTER_DIR [--base MODEL] --out DIR
     tunekit generate MODEL_OR_ADAPTER --prompt TEXT | --file PROMPTS.jsonl [--system TEXT] [sampling options]
     tunekit chat MODEL_OR_ADAPTER [--system TEXT] [sampling options]
     tunekit push RUN_OR_ADAPTER_DIR --repo USER/NAME [--merged] [--base-model HUB_ID] ...
+    tunekit estimate MODEL_OR_CONFIG_OR_YAML [--method ...] [--gpus N] [--gpu-memory 80GB] [--json]
     tunekit --version
 
 ``main(argv)`` returns the exit code, so tests call it in-process. The command
@@ -60,18 +62,26 @@ def _finetune_parser(sub, common) -> None:
                    help="the config file (unless --config is given) and any dotted key=value overrides")
     p.add_argument("--config", "-c", help="the YAML config file (alternative to the positional CONFIG)")
     p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config (file + overrides + defaults) as YAML and exit without training")
+                   help="print the resolved config (file + overrides + defaults) as YAML and exit without training "
+                        "(with distributed.strategy: deepspeed, also the DeepSpeed JSON it generates)")
     p.add_argument("--preview-data", action="store_true",
                    help="print the first training examples as the model sees them (the part in the loss marked), "
                         "token counts and the packing layout, then exit (loads the tokenizer, not the model)")
     p.add_argument("--preview-rows", type=int, default=3, metavar="N", help="examples --preview-data shows (3)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="start N processes on this node (torchrun's --nproc-per-node); distributed.strategy says "
+                        "how they share the work. Not needed under torchrun, accelerate launch, deepspeed or srun")
+    p.add_argument("--nnodes", type=int, default=1, metavar="M", help="nodes of the job (with --nproc; default 1)")
+    p.add_argument("--node-rank", type=int, metavar="R", help="this node's rank (multi-node, fixed node ranks)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="the first node's address (multi-node)")
 
 
 def _merge_parser(sub, common) -> None:
     p = sub.add_parser(
         "merge", parents=[common], help="merge a saved adapter into its base model",
-        description="Load the base model, load the adapter, fold it into the weights and save a plain "
-                    "transformers model (+ tokenizer) that loads without tunekit.",
+        description="Fold the adapter into its base's weights and save a plain transformers model (+ tokenizer) "
+                    "that loads without tunekit. LoRA / DoRA on an unquantized base stream the base's safetensors "
+                    "shard by shard (memory about one shard); otherwise the base is loaded whole.",
     )
     p.add_argument("adapter_dir", help="folder with adapter_config.json + adapter_model.safetensors")
     p.add_argument("--base", help="base model (Hub id, folder or pkg:<package>); default: the one the adapter records")
@@ -156,18 +166,58 @@ def _push_parser(sub, common) -> None:
                    help="instead of uploading: make a large push's branch the content of --revision in one commit")
 
 
+def _estimate_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "estimate", parents=[common], help="estimate the GPU memory of a run and pick a strategy",
+        description="Estimate the per-GPU peak memory of a fine-tuning run under every strategy tunekit can run "
+                    "(single GPU, DDP, FSDP2 ZeRO-2/3, CPU offload, DeepSpeed ZeRO-3, tensor parallelism) and "
+                    "recommend the cheapest that fits. Offline: only the model's config.json is read.",
+    )
+    p.add_argument("source", metavar="MODEL_OR_CONFIG_OR_YAML",
+                   help="a finetune YAML, a config.json, a model folder, pkg:<package> or a Hub id")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of a finetune YAML")
+    p.add_argument("--method", choices=["lora", "dora", "qlora", "prefix", "prompt", "bottleneck", "full"],
+                   help="adapter method (default: the YAML's, else lora); qlora = LoRA on a 4-bit NF4 base")
+    p.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    p.add_argument("--target-modules", nargs="+", metavar="MODULE",
+                   help="modules to adapt (names or all-linear; default: the architecture's)")
+    p.add_argument("--virtual-tokens", type=int, help="prefix / prompt length (default 20)")
+    p.add_argument("--task", choices=["causal_lm", "seq_cls", "seq2seq"],
+                   help="model head (default: seq2seq for encoder-decoders, seq_cls for BERT-like, else causal_lm)")
+    p.add_argument("--num-labels", type=int, help="classes of a classification head (default: the YAML's labels, else 2)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs in all (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; TP stays inside one (default 8)")
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 24GB, 80GiB (default 80GB)")
+    p.add_argument("--host-memory", help="host memory per node for CPU offload, e.g. 512GB (default: not checked)")
+    p.add_argument("--headroom", type=float, default=0.1, help="share of memory kept free (default 0.1)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default: the YAML's max_seq_len, else 512)")
+    p.add_argument("--batch", type=int, help="rows per micro-batch per GPU (default: the YAML's, else 1)")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation checkpointing (default: the YAML's, else off)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="weights and autocast dtype (default: the YAML's, else bf16)")
+    p.add_argument("--optimizer", choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"],
+                   help="optimizer (default: the YAML's, else adamw)")
+    p.add_argument("--attn", choices=["eager", "sdpa", "flash"],
+                   help="attention implementation (default: the YAML's, else transformers' default)")
+    p.add_argument("--tp-size", type=int, help="only this tensor-parallel degree in the TP rows")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (sizes in bytes)")
+    p.add_argument("--plot", metavar="PNG", help="also write a bar chart of the breakdown per strategy")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser = argparse.ArgumentParser(
         prog="tunekit", description="Parameter-efficient fine-tuning of Hugging Face Transformers.")
     parser.add_argument("--version", action="version", version=f"tunekit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{finetune,merge,generate,chat,push}")
+    sub = parser.add_subparsers(dest="command", metavar="{finetune,merge,generate,chat,push,estimate}")
     _finetune_parser(sub, common)
     _merge_parser(sub, common)
     _generate_parser(sub, common)
     _chat_parser(sub, common)
     _push_parser(sub, common)
+    _estimate_parser(sub, common)
     return parser
 
 
@@ -210,6 +260,35 @@ def _split_finetune_args(args: argparse.Namespace) -> tuple[str, list[str]]:
     return paths[0], overrides
 
 
+def _deepspeed_comment(cfg, args: argparse.Namespace) -> str:
+    """The DeepSpeed config a deepspeed run uses, as YAML comments (the printed config stays loadable)."""
+    import json
+
+    from tunekit.config import distributed_options
+    from tunekit.distributed.deepspeed_zero import deepspeed_config
+    from tunekit.distributed.env import read_env
+
+    world = args.nproc * args.nnodes if args.nproc else read_env().world_size
+    text = json.dumps(deepspeed_config(distributed_options(cfg), world), indent=2)
+    source = cfg.distributed.deepspeed_config or "generated"
+    head = (f"# distributed.strategy: deepspeed, {world} process(es): the DeepSpeed config ({source}); write it to a "
+            "file and set distributed.deepspeed_config to replace it\n")
+    return head + "".join(f"# {line}\n" for line in text.splitlines())
+
+
+def _launch_finetune(args: argparse.Namespace, cfg, path: str, overrides: list[str]) -> int:
+    """``--nproc N``: refuse what cannot work, then run the same command (without the launch flags) on N ranks."""
+    from tunekit.api import check_runnable
+    from tunekit.distributed.launch import launch_command
+
+    if args.nproc < 1 or args.nnodes < 1:
+        raise UsageError(f"finetune: --nproc {args.nproc} --nnodes {args.nnodes}: need at least 1 of each")
+    check_runnable(cfg, nproc=args.nproc, nnodes=args.nnodes)
+    argv = ["finetune", path, *overrides, *(["--debug"] if args.debug else [])]
+    return launch_command(argv, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                          rdzv_endpoint=args.rdzv_endpoint)
+
+
 def _run_finetune(args: argparse.Namespace) -> int:
     from tunekit.config import config_to_yaml, load_config
 
@@ -217,15 +296,21 @@ def _run_finetune(args: argparse.Namespace) -> int:
     cfg = load_config(path, overrides)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
+        if cfg.distributed.strategy == "deepspeed":
+            print(_deepspeed_comment(cfg, args), end="")
         return 0
     if args.preview_data:
         from tunekit.data.preview import preview_data
 
         print(preview_data(cfg, rows=args.preview_rows))
         return 0
+    if args.nproc is None and (args.nnodes != 1 or args.node_rank is not None or args.rdzv_endpoint):
+        raise UsageError("finetune: --nnodes, --node-rank and --rdzv-endpoint go with --nproc N (processes per node)")
+    if args.nproc is not None and (args.nproc != 1 or args.nnodes != 1):
+        return _launch_finetune(args, cfg, path, overrides)
     from tunekit.api import finetune
 
-    result = finetune(cfg)
+    result = finetune(cfg)  # one process (--nproc 1), or one rank of an external launcher's job
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
@@ -233,10 +318,11 @@ def _run_merge(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"merge: --out {args.out} is a file; give a folder (new or existing) to write the merged "
                          "model to")
-    from tunekit.inference import merge_adapter
+    from tunekit.distributed.merge_plan import merge_saved_adapter
 
-    out = merge_adapter(args.adapter_dir, Path(args.out), base=args.base, dtype=args.dtype)
-    print(f"merged model written to {out}")
+    # Streamed shard by shard from the base on disk where that gives the same model (peak memory
+    # about one shard), else the base is loaded whole (a QLoRA adapter: into its dequantized weights).
+    print(merge_saved_adapter(args.adapter_dir, Path(args.out), base=args.base, dtype=args.dtype).summary())
     return 0
 
 
@@ -304,8 +390,43 @@ def _run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_estimate(args: argparse.Namespace) -> int:
+    from tunekit.estimate import inputs, report
+    from tunekit.estimate.planner import Devices, plan
+    from tunekit.estimate.units import parse_bytes
+
+    choices = inputs.Choices(args.method, args.rank, args.target_modules, args.virtual_tokens, args.seq_len,
+                             args.batch, args.grad_checkpointing, args.dtype, args.optimizer, args.attn, args.task,
+                             args.num_labels)
+    try:
+        devices = Devices(args.gpus, parse_bytes(args.gpu_memory, "--gpu-memory"),
+                          parse_bytes(args.host_memory, "--host-memory") if args.host_memory else None,
+                          args.gpus_per_node, "cuda", args.headroom)
+        if min(args.gpus, args.gpus_per_node) < 1 or not 0 <= args.headroom < 1:
+            raise ValueError("--gpus and --gpus-per-node must be >= 1 and --headroom in [0, 1)")
+        tp_sizes = [args.tp_size] if args.tp_size else None
+        if args.source.endswith((".yaml", ".yml")):
+            from tunekit.config import load_config
+
+            spec, settings, fixed = inputs.from_finetune_config(load_config(args.source, args.overrides))
+            spec, settings = inputs.merge_choices(spec, settings, choices)
+            tp_sizes = tp_sizes or fixed
+        elif args.overrides:
+            raise ValueError(f"key=value overrides ({args.overrides[0]}) apply to a finetune YAML only")
+        else:
+            spec, settings = inputs.from_choices(args.source, choices)
+        result = plan(spec, settings, devices, tp_sizes=tp_sizes)
+    except ValueError as err:  # every estimate input error is the user's: exit 2
+        raise UsageError(f"estimate: {_one_line(err)}") from None
+    print(report.plan_json(result) if args.json else report.format_plan(result))
+    if args.plot:
+        out = report.plot_plan(result, args.plot)
+        print(f"plot written to {out}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 _COMMANDS = {"finetune": _run_finetune, "merge": _run_merge, "generate": _run_generate, "chat": _run_chat,
-             "push": _run_push}
+             "push": _run_push, "estimate": _run_estimate}
 
 
 def _one_line(err: BaseException) -> str:

@@ -174,9 +174,13 @@ class DataConfig(BaseModel):
     mask_prompt: bool = True
     """Compute the loss only on responses / assistant turns (prompt labels set to -100)."""
 
-    packing: bool = False
-    """Pack several examples into each row of up to ``max_seq_len`` tokens; position ids restart
-    per example and attention never crosses examples (causal-LM formats only)."""
+    packing: bool | None = None
+    """Pack several training examples into each row of up to ``max_seq_len`` tokens; position ids
+    restart per example and attention never crosses examples (causal-LM formats only; evaluation
+    rows are never packed). ``train.batch_size`` then counts packed rows. null (default):
+    ``tunekit finetune`` packs causal-LM data unless the adapter is prefix or prompt tuning or the
+    model cannot keep packed examples apart (checked on the loaded model); ``false`` opts out.
+    ``build_dataset`` on its own reads null as false."""
 
     group_by_length: bool = False
     """Order training rows so that each batch holds rows of similar length (less padding)."""

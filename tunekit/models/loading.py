@@ -114,7 +114,7 @@ def _instantiate(cfg: ModelConfig, source: str | None, config, task: str, new_he
 
     auto = getattr(transformers, TASKS[task].auto_class)
     kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype]}
-    if cfg.attn_implementation is not None:
+    if cfg.attn_implementation not in (None, "auto"):  # auto: chosen once the data is known (models.fastpath)
         kwargs["attn_implementation"] = _attention(cfg.attn_implementation)
     try:
         if cfg.from_config:
