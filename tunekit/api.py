@@ -41,6 +41,8 @@ from typing import Any
 import torch
 
 from tunekit.config import ConfigError, FinetuneConfig, config_to_yaml, load_config, task_for
+from tunekit.data.limits import check_position_limit
+from tunekit.run_report import report_run
 
 __all__ = ["BASE_INFO_NAME", "FinetuneResult", "check_runnable", "finetune"]
 
@@ -207,16 +209,14 @@ def _write_run_files(cfg: FinetuneConfig, out: Path, setup: _Setup, strategy) ->
     return config_file
 
 
-def _save(out: Path, setup: _Setup, strategy, results: dict) -> Path:
-    """The final adapter, gathered from every rank and written by rank 0 with tunekit_base.json and
-    results.json; a barrier after."""
+def _save(out: Path, setup: _Setup, strategy) -> Path:
+    """The final adapter, gathered from every rank and written by rank 0 with tunekit_base.json; a barrier after."""
     from tunekit.distributed.adapter_save import save_gathered_adapter
 
     adapter_dir = out / "adapter"
     save_gathered_adapter(strategy, adapter_dir)
     if strategy.is_main:
         (adapter_dir / BASE_INFO_NAME).write_text(json.dumps(setup.base, indent=2) + "\n", encoding="utf-8")
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     strategy.barrier()
     return adapter_dir
 
@@ -279,6 +279,9 @@ def _run(cfg: FinetuneConfig, strategy) -> FinetuneResult:
     from tunekit.train import Trainer
 
     out, main = Path(cfg.output.dir), strategy.is_main
+    note = check_position_limit(cfg)  # data.max_seq_len against the model's positions, before anything loads
+    if note and main:
+        print(note)
     with tempfile.TemporaryDirectory(prefix="tunekit-") as scratch:
         setup = _setup(cfg, out, Path(scratch), main)
         trainer = Trainer(setup.model, setup.data, cfg.train, out, strategy=strategy,
@@ -287,7 +290,7 @@ def _run(cfg: FinetuneConfig, strategy) -> FinetuneResult:
     data = setup.data
     has_eval = data.eval is not None and len(data.eval) > 0
     before = trainer.evaluate() if cfg.output.eval_before and has_eval else None
-    trained = trainer.fit()
+    trained = trainer.fit(eval_before=before)
     if trained.interrupted:
         # A half-trained adapter must not look like the run's result: keep only the checkpoint.
         if main:
@@ -299,8 +302,7 @@ def _run(cfg: FinetuneConfig, strategy) -> FinetuneResult:
     last_train = next((h for h in reversed(trained.history) if h.get("split") == "train"), None)
     last_train = {k: v for k, v in (last_train or {}).items() if k != "split"}
     after = trained.final_metrics
-    results = {"before": before, "after": after, "last_train_step": last_train}
-    adapter_dir = _save(out, setup, strategy, results)
+    adapter_dir = _save(out, setup, strategy)
     merged_dir = out / "merged" if cfg.output.save_merged else None
     if merged_dir is not None and main:
         _save_merged(adapter_dir, merged_dir)
@@ -308,8 +310,10 @@ def _run(cfg: FinetuneConfig, strategy) -> FinetuneResult:
     result = FinetuneResult(metrics=metrics, metrics_before=before, output_dir=out, adapter_dir=adapter_dir,
                             merged_dir=merged_dir, metrics_file=trained.metrics_file, config_file=config_file,
                             train=trained, metrics_split="eval" if after is not None else "train")
+    # results.json, curves, model cards, tokenizer + template, relocatable base paths: rank 0
+    notes = report_run(cfg, result, setup.tokenizer, is_main_process=main)
     if main:
-        print(_summary(result))
+        print("\n".join([_summary(result), *notes]))
     if cfg.hub.push:  # after the final save: a failed push leaves every file in place
         from tunekit.hub import push_after_finetune
 

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import logging
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -135,14 +136,13 @@ def _adapter_union() -> Any:
     return Annotated[Union[classes], Field(discriminator="method")]  # noqa: UP007
 
 
-_FORMAT_TASKS = {"classification": "seq_cls", "seq2seq": "seq2seq"}
 
 
 def task_for(cfg: FinetuneConfig) -> str:
     """The model head a run needs: ``model.task``, or what ``data.format`` implies."""
     if cfg.model.task != "auto":
         return cfg.model.task
-    return _FORMAT_TASKS.get(cfg.data.format, "causal_lm")
+    return cfg.data.task
 
 
 class FinetuneConfig(BaseModel):
@@ -181,7 +181,7 @@ class FinetuneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> FinetuneConfig:
-        implied = _FORMAT_TASKS.get(self.data.format, "causal_lm")
+        implied = self.data.task
         if self.model.task not in ("auto", implied):
             raise ValueError(f"model.task={self.model.task!r} does not fit data.format={self.data.format!r} "
                              f"(which trains {implied!r}); set model.task: auto")
@@ -281,16 +281,38 @@ def load_config(source: str | Path | Mapping[str, Any] | FinetuneConfig,
         ConfigError: the file is missing or malformed, or the tree is invalid.
     """
     if isinstance(source, FinetuneConfig):
-        raw = source.model_dump(mode="json")
+        # Unset fields stay unset (defaults that depend on the model, e.g. data.max_seq_len, are adjusted later).
+        raw = source.model_dump(mode="json", exclude_unset=True)
     elif isinstance(source, Mapping):
         raw = dict(source)
     else:
         raw = read_yaml(source)
-    tree = apply_overrides(raw, overrides)
+    overrides = list(overrides)
+    tree = _switch_method(raw, apply_overrides(raw, overrides), overrides)
     try:
         return FinetuneConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_errors(err, tree)) from None
+
+
+def _switch_method(raw: Mapping[str, Any], tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """An override that changes ``adapter.method`` drops the file's fields the new method does not have
+    (a note names them), instead of refusing them: ``adapter.method=prefix`` on a LoRA config just works."""
+    file_adapter = raw.get("adapter") if isinstance(raw.get("adapter"), dict) else None
+    adapter = tree.get("adapter")
+    if file_adapter is None or not isinstance(adapter, dict):
+        return tree
+    old, new = file_adapter.get("method", "lora"), adapter.get("method", "lora")
+    if old == new or new not in METHODS:
+        return tree
+    fields = METHODS[new].config_cls.model_fields
+    given = {item.partition("=")[0].removeprefix("adapter.") for item in overrides if item.startswith("adapter.")}
+    dropped = sorted(k for k in adapter if k not in fields and k not in given)
+    if dropped:
+        logging.getLogger("tunekit.config").warning(
+            "adapter.method=%s (override) replaces the file's %s adapter: dropped %s",
+            new, old, ", ".join(f"adapter.{k}" for k in dropped))
+    return {**tree, "adapter": {k: v for k, v in adapter.items() if k not in dropped}}
 
 
 def config_to_yaml(cfg: FinetuneConfig) -> str:

@@ -131,8 +131,12 @@ def label_names_for(cfg: DataConfig) -> list[str] | None:
     ``cfg.labels`` when set, else the sorted distinct labels of the training source
     (read without a tokenizer). ``build_dataset`` gives the same list.
     """
-    if cfg.format != "classification":
+    if cfg.task != "seq_cls":
         return None
+    if cfg.sources is not None:
+        from tunekit.data.mixing import source_labels
+
+        return source_labels(cfg)
     return cfg.labels or _infer_labels(cfg, list(read_rows(cfg, "train")))
 
 
@@ -227,6 +231,10 @@ def build_dataset(cfg: DataConfig, tokenizer, *, seed: int = 0, cache: bool | st
     ``tunekit.data``, not shown; ``finetune`` prints them.
     """
     _pad_id(tokenizer)  # fails before reading anything
+    if cfg.sources is not None:  # several sources, each with its own format and fields
+        from tunekit.data.mixing import build_mixed
+
+        return build_mixed(cfg, tokenizer, seed=seed)
     train_rows = read_rows(cfg, "train")
     eval_rows = read_rows(cfg, "eval") if has_eval_source(cfg) else None
     label_names = None

@@ -50,7 +50,7 @@ from tunekit.train.optim import build_scheduler
 
 _BOOKKEEPING = {
     "train.resume", "train.resume_with_changes", "train.overwrite_checkpoints", "train.log_every",
-    "train.tensorboard", "train.save_every", "train.keep_last", "train.eval_batch_size",
+    "train.tensorboard", "train.report_to", "train.save_every", "train.keep_last", "train.eval_batch_size",
     "train.gradient_checkpointing",
 }
 _BOOKKEEPING_SECTIONS = {"output", "hub", "distributed"}

@@ -53,7 +53,7 @@ from tunekit.train.checkpoint import (
     save_checkpoint,
 )
 from tunekit.train.config import TrainConfig
-from tunekit.train.logging import RunLogger
+from tunekit.train.logging import EvalProgress, RunLogger
 from tunekit.train.loss import (
     TASKS,
     EvalMeter,
@@ -279,12 +279,16 @@ class Trainer:
         meter, size = EvalMeter(self.data.task, self.metric_fn), self.cfg.eval_batch_size or self.cfg.batch_size
         was_training = self.wrapped.training
         self.wrapped.eval()
-        for micro in eval_shards(len(rows), size, self.strategy.dp_size, self.strategy.dp_rank):
+        shown = EvalProgress(len(rows), enabled=self.strategy.is_main)
+        shards = eval_shards(len(rows), size, self.strategy.dp_size, self.strategy.dp_rank)
+        for done, micro in enumerate(shards):
+            shown.update(min(len(rows), done * size * self.strategy.dp_size))  # rows all ranks have done
             batch = self.strategy.to_device(self.data.collate([rows[i] for i in micro.rows]))
             with self.strategy.autocast():
                 loss, logits = evaluation_loss(self.wrapped, batch, self.data.task, self._forward_kwargs,
                                                need_logits=self.metric_fn is not None, fused_loss=self._fused_loss)
             meter.add(batch, loss.float(), logits, counts=not micro.placeholder)
+        shown.close()
         self.wrapped.train(was_training)
         return meter.result(reduce=self.strategy.all_reduce_sums)
 
@@ -292,11 +296,15 @@ class Trainer:
         return self.data.eval is not None and len(self.data.eval) > 0
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> TrainResult:
-        """Train to ``total_steps`` (or early stop / signal), evaluating and checkpointing as configured."""
+    def fit(self, eval_before: dict[str, float] | None = None) -> TrainResult:
+        """Train to ``total_steps`` (or early stop / signal), evaluating and checkpointing as configured.
+
+        ``eval_before``: the evaluation before training, logged at step 0 of a run that starts fresh."""
         progress = self._start()
-        log = RunLogger(self.output_dir, self.total_steps, progress.global_step, tensorboard=self.cfg.tensorboard,
-                        enabled=self.strategy.is_main)
+        log = RunLogger(self.output_dir, self.total_steps, progress.global_step, report_to=self.cfg.trackers(),
+                        run_config=self.run_config, enabled=self.strategy.is_main)
+        if eval_before is not None and progress.global_step == 0:
+            log.log("eval", 0, eval_before)
         self._pending.clear()
         if self._resume_note:
             log.message(self._resume_note)
