@@ -108,7 +108,7 @@ def test_yaml_defaults_are_read_as_finetune_runs_them(tmp_path):
     tiny_llama().config.save_pretrained(tmp_path)
     base = {"model": {"name_or_path": str(tmp_path)}, "data": {"format": "text", "train_files": ["x.jsonl"]}}
     spec, settings, _ = from_finetune_config(load_config(base))
-    assert spec.attn is None and settings.shape.packed is True
+    assert spec.attn == "sdpa" and settings.shape.packed is True  # auto: varlen or the loaded SDPA
     prefix = {**base, "adapter": {"method": "prefix", "num_virtual_tokens": 4}}
     assert from_finetune_config(load_config(prefix))[1].shape.packed is False
     unpacked = {**base, "data": {**base["data"], "packing": False}}

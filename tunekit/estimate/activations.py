@@ -28,10 +28,7 @@ first recomputed block with checkpointing). Gradients and parameters are left
 out (the memory model counts them); ``temporaries = P(L) - A(L)``.
 
 Data-dependent reads (``int(mask.sum())``) cannot be answered without data;
-the simulation answers 1 / True, which only changes scalars. Boolean-mask
-indexing (the target-position head's ``hidden[labels != -100]``) is answered
-as if every position were selected: the simulated labels mask nothing, so it
-is the largest the step can be.
+the simulation answers 1 / True, which only changes scalars.
 """
 
 from __future__ import annotations
@@ -127,8 +124,6 @@ class _LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
             return _placeholder_scalar(args[0].dtype)
-        if func in _MASK_INDEXING and any(i is not None and i.dtype == torch.bool for i in args[1]):
-            args = (args[0], _all_selected(args[1]), *args[2:])
         out = func(*args, **(kwargs or {}))
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
@@ -146,22 +141,6 @@ class _LiveBytes(TorchDispatchMode):
                 live += delta
                 peak = max(peak, live)
         return live, peak
-
-
-_MASK_INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
-                  torch.ops.aten._index_put_impl_.default)
-
-
-def _all_selected(indices: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """Integer indices equal to boolean masks that are all True (their size needs no data)."""
-    out: list[torch.Tensor | None] = []
-    for index in indices:
-        if index is None or index.dtype != torch.bool:
-            out.append(index)
-            continue
-        grid = torch.meshgrid(*[torch.arange(n) for n in index.shape], indexing="ij")
-        out.extend(g.reshape(-1) for g in grid)  # (numel,) per masked dim, as nonzero() would give
-    return out
 
 
 def _placeholder_scalar(dtype: torch.dtype) -> Any:
@@ -226,10 +205,14 @@ def _enable_checkpointing(model: nn.Module) -> None:
 
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor], shape: StepShape) -> torch.Tensor:
+    """The step's loss. The simulated labels are all targets, so the model's own loss (logits on every
+    position) costs what the trainer's target-position head does, to one position a row."""
     if shape.fused_cross_entropy:
+        from tunekit.models.heads import dense_targets
         from tunekit.models.kernels import fused_causal_lm_loss
 
-        return fused_causal_lm_loss(model, batch)
+        with dense_targets():  # static shapes on fake tensors
+            return fused_causal_lm_loss(model, batch)
     kwargs = {"use_cache": False} if shape.packed else {}
     return model(**batch, **kwargs).loss
 

@@ -22,9 +22,9 @@ __all__ = ["METHODS", "Choices", "adapter_for", "from_choices", "from_finetune_c
 
 METHODS = ("lora", "dora", "qlora", "prefix", "prompt", "bottleneck", "full")
 # flash_attention_2 and tunekit's kernel keep what SDPA's flash path keeps (output + log-sum-exp),
-# and neither runs on a CPU, so the simulation runs SDPA for them. "auto" (the config's default) runs
-# tunekit's kernel on packed rows where exact, else transformers' default: simulated as the default.
-_ATTN = {"eager": "eager", "sdpa": "sdpa", "flash": "sdpa", "tunekit": "sdpa", "auto": None, None: None}
+# and neither runs on a CPU, so the simulation runs SDPA for them.
+# "auto" (the default) is tunekit's varlen attention on packed rows, else the loaded one: sdpa-like memory.
+_ATTN = {"eager": "eager", "sdpa": "sdpa", "flash": "sdpa", "tunekit": "sdpa", "auto": "sdpa", None: None}
 _HEADS = {"bert": "classifier", "roberta": "classifier"}
 
 
@@ -123,23 +123,17 @@ def from_finetune_config(cfg: Any) -> tuple[ModelSpec, RunSettings, list[int] | 
     spec = ModelSpec(config, task, _dtype(cfg.model.dtype, config), cfg.model.quantization, cfg.adapter,
                      _ATTN[cfg.model.attn_implementation], labels, cfg.model.kernels, origin)
     data, train = cfg.data, cfg.train
+    packed = data.packing
+    if packed is None:  # finetune's default: pack causal-LM rows unless virtual tokens would be shared
+        packed = task == "causal_lm" and cfg.adapter.method not in ("prefix", "prompt")
     shape = StepShape(batch=train.batch_size, seq_len=data.max_seq_len,
-                      target_len=data.max_target_len or data.max_seq_len, packed=_packs(data.packing, task, cfg),
+                      target_len=data.max_target_len or data.max_seq_len, packed=packed,
                       mixed_precision=train.mixed_precision, grad_checkpointing=train.gradient_checkpointing,
                       fused_cross_entropy=train.fused_cross_entropy)
     settings = RunSettings(shape, train.optimizer, train.grad_accum_steps)
     strategy = cfg.distributed.strategy
     tp_sizes = [cfg.distributed.tp_size] if strategy in ("tp", "fsdp_tp") else None
     return spec, settings, tp_sizes
-
-
-def _packs(packing: bool | None, task: str, cfg: Any) -> bool:
-    """``data.packing``; null packs where ``tunekit finetune`` does (``tunekit.models.fastpath``)."""
-    if packing is not None:
-        return packing
-    from tunekit.models.fastpath import VIRTUAL_TOKEN_METHODS
-
-    return task == "causal_lm" and getattr(cfg.adapter, "method", None) not in VIRTUAL_TOKEN_METHODS
 
 
 def merge_choices(spec: ModelSpec, settings: RunSettings, choices: Choices) -> tuple[ModelSpec, RunSettings]:
