@@ -72,6 +72,7 @@ def test_recipe_header_matches_its_config_and_the_strategy_accepts_it(recipe):
         assert snapshot_folder(name) is not None, f"{recipe.name}: no cookbook/models/{name.replace('/', '--')}"
 
 
+@pytest.mark.slow  # the module's estimates of every recipe: ~30-50 s of CPU, once
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_fits_its_hardware(recipe, rows):
     row = rows[recipe.name]
@@ -79,6 +80,7 @@ def test_recipe_fits_its_hardware(recipe, rows):
     assert 0 < row.peak <= row.usable
 
 
+@pytest.mark.slow
 def test_cookbook_readme_is_generated_from_the_recipes(rows):
     text = make_readme.render(list(rows.values()))
     assert (COOKBOOK / "README.md").read_text(encoding="utf-8") == text, \
@@ -87,6 +89,7 @@ def test_cookbook_readme_is_generated_from_the_recipes(rows):
     assert [line.split("`")[1] for line in body] == [r.name for r in RECIPES]
 
 
+@pytest.mark.slow
 def test_the_table_shows_what_tunekit_estimate_prints(rows, capsys, monkeypatch):
     # the same numbers as the CLI: its JSON row of the recipe's layout, on the recipe's hardware
     from tunekit.cli import main
