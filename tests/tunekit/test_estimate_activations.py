@@ -139,3 +139,22 @@ def test_run_settings_the_model_cannot_train_with_are_input_errors():
                      "causal_lm", adapter=LoRAConfig(), attn="eager")
     with pytest.raises(ValueError, match="final_logit_softcapping"):  # the fused loss refuses it, as training does
         profile_activations(spec, StepShape(1, 8, fused_cross_entropy=True))
+
+
+def test_the_fused_loss_on_target_positions_is_simulated():
+    # the target-position head gathers hidden[labels != -100], a data-dependent shape fake tensors cannot
+    # give; the simulation selects every position (its labels mask none). Oracle: the profiled real step.
+    from tunekit.models.kernels import fused_causal_lm_loss
+
+    spec = ModelSpec(tiny_llama().config, "causal_lm", adapter=LoRAConfig(), attn="sdpa")
+    shape = StepShape(2, 24, packed=True, fused_cross_entropy=True)
+    simulated = simulate_step(build_model(spec), "causal_lm", shape).peak_with_gradients
+    model = real_model(spec)
+    model.train()
+    batch = padded_batch("causal_lm", shape, spec.config.vocab_size)
+
+    def step():
+        fused_causal_lm_loss(model, {k: v.clone() for k, v in batch.items()}).backward()
+
+    real = _profiled_step_peak(step)
+    assert abs(simulated - real) <= 0.1 * real, (simulated, real)

@@ -97,3 +97,19 @@ def test_help_explains_every_option(capsys):
     for action in sub._actions:
         assert action.help, action.dest
         assert (action.option_strings[0] if action.option_strings else action.metavar or action.dest) in text
+
+
+def test_yaml_defaults_are_read_as_finetune_runs_them(tmp_path):
+    # model.attn_implementation: auto and data.packing: null are the config's defaults; the fast path
+    # (tunekit.models.fastpath) packs causal-LM rows unless the adapter is prefix / prompt tuning.
+    from tunekit.config import load_config
+    from tunekit.estimate import from_finetune_config
+
+    tiny_llama().config.save_pretrained(tmp_path)
+    base = {"model": {"name_or_path": str(tmp_path)}, "data": {"format": "text", "train_files": ["x.jsonl"]}}
+    spec, settings, _ = from_finetune_config(load_config(base))
+    assert spec.attn == "sdpa" and settings.shape.packed is True  # auto: varlen or the loaded SDPA
+    prefix = {**base, "adapter": {"method": "prefix", "num_virtual_tokens": 4}}
+    assert from_finetune_config(load_config(prefix))[1].shape.packed is False
+    unpacked = {**base, "data": {**base["data"], "packing": False}}
+    assert from_finetune_config(load_config(unpacked))[1].shape.packed is False
