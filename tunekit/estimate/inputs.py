@@ -23,7 +23,8 @@ __all__ = ["METHODS", "Choices", "adapter_for", "from_choices", "from_finetune_c
 METHODS = ("lora", "dora", "qlora", "prefix", "prompt", "bottleneck", "full")
 # flash_attention_2 and tunekit's kernel keep what SDPA's flash path keeps (output + log-sum-exp),
 # and neither runs on a CPU, so the simulation runs SDPA for them.
-_ATTN = {"eager": "eager", "sdpa": "sdpa", "flash": "sdpa", "tunekit": "sdpa", None: None}
+# auto is tunekit's varlen kernel or transformers' default (SDPA on the models tunekit packs): SDPA's memory either way.
+_ATTN = {"eager": "eager", "sdpa": "sdpa", "flash": "sdpa", "tunekit": "sdpa", "auto": "sdpa", None: None}
 _HEADS = {"bert": "classifier", "roberta": "classifier"}
 
 
