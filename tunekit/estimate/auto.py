@@ -108,13 +108,17 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _per(devices: Devices) -> str:
+    return "GPU" if devices.kind == "cuda" else "process"
+
+
 def _label(layout: Layout, devices: Devices) -> str:
     return "one process" if layout.strategy == "none" and devices.kind == "cpu" else layout.label
 
 
 def _chosen_line(result: Plan, cfg: Any) -> str:
     chosen = result.recommended
-    per = "GPU" if result.devices.kind == "cuda" else "process"
+    per = _per(result.devices)
     others = [r for r in result.rows if r is not chosen and r.supported]
     skipped = [f"{format_bytes(r.peak)} with {_shown(r.layout)}" for r in others
                if result.rows.index(r) < result.rows.index(chosen)]
@@ -132,7 +136,7 @@ def _nothing_fits(result: Plan, spec: Any, cfg: Any) -> str:
     allowed = lambda layout, devices: layout_problem(layout, devices, cfg) is None  # noqa: E731
     advice = advise(result, spec, allowed, config_keys=True)
     return (f"distributed.strategy=auto: nothing fits: {_what(result, cfg)} needs at least {format_bytes(best.peak)} "
-            f"per device ({_label(best.layout, result.devices)}) on {_job(result.devices)}; " + "; ".join(advice))
+            f"per {_per(result.devices)} ({_label(best.layout, result.devices)}) on {_job(result.devices)}; " + "; ".join(advice))
 
 
 def choose_strategy(cfg: Any, devices: Devices) -> AutoChoice:
