@@ -204,13 +204,17 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _loss(model: nn.Module, batch: dict[str, torch.Tensor], shape: StepShape) -> torch.Tensor:
-    if shape.fused_cross_entropy:
-        from tunekit.models.kernels import fused_causal_lm_loss
+def _loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str, shape: StepShape) -> torch.Tensor:
+    """The trainer's loss (``tunekit.train.loss``): a causal LM's head on target positions only."""
+    from tunekit.models.heads import dense_targets
+    from tunekit.train.loss import model_loss
 
-        return fused_causal_lm_loss(model, batch)
-    kwargs = {"use_cache": False} if shape.packed else {}
-    return model(**batch, **kwargs).loss
+    with dense_targets():  # the simulated labels are all targets: static shapes on fake tensors
+        if shape.fused_cross_entropy:
+            from tunekit.models.kernels import fused_causal_lm_loss
+
+            return fused_causal_lm_loss(model, batch)
+        return model_loss(model, batch, {"use_cache": False} if shape.packed else {}, task)
 
 
 def simulate_step(model: nn.Module, task: str, shape: StepShape, quantization: Any = None) -> StepTrace:
@@ -232,7 +236,7 @@ def simulate_step(model: nn.Module, task: str, shape: StepShape, quantization: A
     with mode, tracker:
         batch = _batch(task, shape)
         with autocast:
-            loss = _loss(model, batch, shape)
+            loss = _loss(model, batch, task, shape)
         forward_end = tracker.mark()
         loss.backward()
         del loss, batch
