@@ -129,8 +129,13 @@ def start_strategy(cfg: FinetuneConfig):
     from tunekit.distributed import make_strategy
     from tunekit.distributed.env import read_env
 
-    env = read_env()
-    if cfg.distributed.strategy != "auto" or env.world_size == 1:
+    if cfg.distributed.strategy != "auto":
+        return cfg, make_strategy(check_runnable(cfg)), None
+    try:
+        env = read_env()
+    except ValueError as err:  # a launcher's half-set environment: refused like a config
+        raise ConfigError([str(err)]) from None
+    if env.world_size == 1:
         resolved = resolve_auto(cfg)
         return resolved.cfg, make_strategy(check_runnable(resolved.cfg)), resolved.line
     from tunekit.distributed.mesh import mesh_shape, start_runtime, stop_runtime
