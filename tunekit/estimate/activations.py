@@ -204,17 +204,17 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str, shape: StepShape) -> torch.Tensor:
-    """The trainer's loss (``tunekit.train.loss``): a causal LM's head on target positions only."""
-    from tunekit.models.heads import dense_targets
-    from tunekit.train.loss import model_loss
+def _loss(model: nn.Module, batch: dict[str, torch.Tensor], shape: StepShape) -> torch.Tensor:
+    """The step's loss. The simulated labels are all targets, so the model's own loss (logits on every
+    position) costs what the trainer's target-position head does, to one position a row."""
+    if shape.fused_cross_entropy:
+        from tunekit.models.heads import dense_targets
+        from tunekit.models.kernels import fused_causal_lm_loss
 
-    with dense_targets():  # the simulated labels are all targets: static shapes on fake tensors
-        if shape.fused_cross_entropy:
-            from tunekit.models.kernels import fused_causal_lm_loss
-
+        with dense_targets():  # static shapes on fake tensors
             return fused_causal_lm_loss(model, batch)
-        return model_loss(model, batch, {"use_cache": False} if shape.packed else {}, task)
+    kwargs = {"use_cache": False} if shape.packed else {}
+    return model(**batch, **kwargs).loss
 
 
 def simulate_step(model: nn.Module, task: str, shape: StepShape, quantization: Any = None) -> StepTrace:
@@ -236,7 +236,7 @@ def simulate_step(model: nn.Module, task: str, shape: StepShape, quantization: A
     with mode, tracker:
         batch = _batch(task, shape)
         with autocast:
-            loss = _loss(model, batch, task, shape)
+            loss = _loss(model, batch, shape)
         forward_end = tracker.mark()
         loss.backward()
         del loss, batch
