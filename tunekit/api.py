@@ -83,10 +83,16 @@ def check_runnable(cfg: FinetuneConfig, *, nproc: int | None = None, nnodes: int
 
     ``nproc``: the processes per node a launch is about to start (``--nproc``); None when this
     process is one of them, or the only one (the world size then comes from the environment).
+    ``distributed.strategy: auto`` is checked as what it resolves to for that job.
     """
     from tunekit.config import distributed_options
     from tunekit.distributed.checks import check_before_launch
     from tunekit.train.runtime import external_launch_problem
+
+    if cfg.distributed.strategy == "auto":
+        from tunekit.auto_strategy import job_size, resolve_auto
+
+        cfg = resolve_auto(cfg, **job_size(nproc, nnodes)).cfg
 
     if nproc is None and cfg.distributed.strategy == "none" and (problem := external_launch_problem()):
         raise ConfigError([problem])
@@ -196,12 +202,16 @@ def _setup(cfg: FinetuneConfig, out: Path, scratch: Path, main: bool) -> _Setup:
     return _Setup(model, tokenizer, data, base, new_base)
 
 
-def _write_run_files(cfg: FinetuneConfig, out: Path, setup: _Setup, strategy) -> Path:
-    """The run is known to start: rank 0 writes resolved_config.yaml (and a new base/); returns the config file."""
+def _write_run_files(cfg: FinetuneConfig, out: Path, setup: _Setup, strategy, auto_line: str | None = None) -> Path:
+    """The run is known to start: rank 0 writes resolved_config.yaml (and a new base/); returns the config file.
+
+    A resolved ``distributed.strategy: auto`` heads it as a comment (the section holds the choice).
+    """
     config_file = out / "resolved_config.yaml"
     if strategy.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(config_to_yaml(cfg), encoding="utf-8")
+        head = f"# {auto_line}\n" if auto_line else ""
+        config_file.write_text(head + config_to_yaml(cfg), encoding="utf-8")
         if setup.new_base is not None:
             shutil.rmtree(out / "base", ignore_errors=True)  # an earlier run's, which left no checkpoints
             shutil.move(str(setup.new_base), str(out / "base"))
@@ -264,21 +274,24 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, overrides:
         ValueError: the model, data or resume checkpoint cannot be used (one line naming the key);
             the run folder is left as it was.
     """
-    from tunekit.distributed import make_strategy
+    from tunekit.auto_strategy import start_strategy
 
     cfg = load_config(config, overrides)
-    options = check_runnable(cfg)
-    strategy = make_strategy(options)  # joins the job's processes before anything loads
+    # Joins the job's processes before anything loads; distributed.strategy auto is resolved there,
+    # the same on every rank.
+    cfg, strategy, auto_line = start_strategy(cfg)
     try:
-        return _run(cfg, strategy)
+        return _run(cfg, strategy, auto_line)
     finally:
         strategy.close()  # not a collective: safe after an error on another rank
 
 
-def _run(cfg: FinetuneConfig, strategy) -> FinetuneResult:
+def _run(cfg: FinetuneConfig, strategy, auto_line: str | None = None) -> FinetuneResult:
     from tunekit.train import Trainer
 
     out, main = Path(cfg.output.dir), strategy.is_main
+    if auto_line and main:
+        print(auto_line)
     note = check_position_limit(cfg)  # data.max_seq_len against the model's positions, before anything loads
     if note and main:
         print(note)
@@ -286,7 +299,7 @@ def _run(cfg: FinetuneConfig, strategy) -> FinetuneResult:
         setup = _setup(cfg, out, Path(scratch), main)
         trainer = Trainer(setup.model, setup.data, cfg.train, out, strategy=strategy,
                           run_config=cfg.model_dump(mode="json"))
-        config_file = _write_run_files(cfg, out, setup, strategy)
+        config_file = _write_run_files(cfg, out, setup, strategy, auto_line)
     data = setup.data
     has_eval = data.eval is not None and len(data.eval) > 0
     before = trainer.evaluate() if cfg.output.eval_before and has_eval else None

@@ -295,6 +295,12 @@ def _run_finetune(args: argparse.Namespace) -> int:
     path, overrides = _split_finetune_args(args)
     cfg = load_config(path, overrides)
     if args.print_config:
+        if cfg.distributed.strategy == "auto":  # what this job (--nproc N, or this process) would run
+            from tunekit.auto_strategy import job_size, resolve_auto
+
+            resolved = resolve_auto(cfg, **job_size(args.nproc, args.nnodes))
+            cfg = resolved.cfg
+            print(f"# {resolved.line}")
         print(config_to_yaml(cfg), end="")
         if cfg.distributed.strategy == "deepspeed":
             print(_deepspeed_comment(cfg, args), end="")

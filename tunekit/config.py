@@ -64,8 +64,10 @@ class DistributedConfig(BaseModel):
 
     model_config = _SECTION
 
-    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
-    """none (one process), ddp (replicas), fsdp (FSDP2 ZeRO-3 sharding) or deepspeed (DeepSpeed ZeRO-3)."""
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed", "auto"] = "none"
+    """none (one process), ddp (replicas), fsdp (FSDP2 ZeRO-3 sharding), deepspeed (DeepSpeed ZeRO-3), or auto:
+    the cheapest the memory planner finds to fit the job's devices (it also sets cpu_offload and
+    reshard_after_forward; the run logs its choice and resolved_config.yaml records it)."""
 
     cpu_offload: bool = False
     """fsdp / deepspeed: keep sharded parameters, gradients and optimizer state in host memory between uses."""
@@ -90,10 +92,22 @@ class DistributedConfig(BaseModel):
         if self.tp_size != 1:
             raise ValueError(f"distributed.tp_size={self.tp_size}: tensor parallelism is not available in this "
                              "version; set distributed.tp_size: 1")
+        if self.strategy == "auto" and (problem := _auto_conflict(self)):
+            raise ValueError(problem)
         if self.dp_replicate > 1 and self.strategy != "fsdp":
             raise ValueError(f"distributed.dp_replicate={self.dp_replicate} is for strategy fsdp (HSDP); "
                              f"set it to 1 for strategy {self.strategy!r}")
         return self
+
+
+def _auto_conflict(section: DistributedConfig) -> str | None:
+    """Why a field set beside ``strategy: auto`` contradicts it (auto decides those fields), or None."""
+    decided = {"cpu_offload": False, "reshard_after_forward": True, "dp_replicate": 1, "deepspeed_config": None}
+    for name, default in decided.items():
+        if getattr(section, name) != default:
+            return (f"distributed.{name}={getattr(section, name)} cannot go with distributed.strategy=auto (auto "
+                    f"decides the strategy and its options); remove it, or name the strategy it is for")
+    return None
 
 
 class HubConfig(BaseModel):
@@ -212,6 +226,8 @@ def distributed_problem(cfg: FinetuneConfig) -> str | None:
     """Why the run's method, base and training settings cannot run under its strategy (one line), or None."""
     from tunekit.distributed.checks import config_problem
 
+    if cfg.distributed.strategy == "auto":  # each candidate is checked when auto resolves (tunekit.estimate.auto)
+        return None
     quantization = cfg.model.quantization
     return config_problem(distributed_options(cfg), cfg.adapter.method,
                           None if quantization is None else f"{quantization.bits}bit",

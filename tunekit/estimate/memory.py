@@ -23,7 +23,8 @@ AdamW, 0 for SGD)::
 
 and a strategy divides each term by what it shards over (per-tensor, exactly as
 FSDP2 and DTensor split dim 0: ``torch.chunk`` sizes, rank 0 holding the largest
-piece), plus its communication buffers::
+piece; FSDP2 pads every rank's parameter and gradient shard to that largest piece,
+its optimizer states hold the real rows), plus its communication buffers::
 
     none / ddp        nothing sharded; DDP adds a gradient bucket copy (Ψ_t s_t)
     fsdp (ZeRO-3)     all four / N; the root unit (embeddings, head) stays gathered from forward to
@@ -202,18 +203,22 @@ def rank_model_states(
 
     ``dp`` > 1 means sharded data parallelism (FSDP2 / ZeRO-3); plain DDP is ``dp=1``.
     Gradients have their parameter's shape and dtype; optimizer states follow ``optimizer``.
+    FSDP2 pads every rank's dim-0 shard to the largest (rank 0's, ``ceil(rows / dp)``), so a
+    rank holds that many rows of parameter and gradient even where fewer are real; the optimizer
+    states, made from the DTensor's unpadded local view, hold only the real rows.
     """
     frozen, trainable, grads = inv.buffer_bytes, 0, 0
     opt_params: list[tuple[int, torch.dtype]] = []
     for param in inv.params:
         splits = _tp_split(param, placements or {}, tp, tp_rank)
+        held, real = splits, splits
         if dp > 1:
-            splits = [*splits, (0, dp, dp_rank)]
-        numel, nbytes = _local(param, splits)
+            held, real = [*splits, (0, dp, 0)], [*splits, (0, dp, dp_rank)]
+        nbytes = _local(param, held)[1]
         if param.trainable:
             trainable += nbytes
             grads += nbytes
-            opt_params.append((numel, param.dtype))
+            opt_params.append((_local(param, real)[0], param.dtype))
         else:
             frozen += nbytes
     return RankBytes(frozen, trainable, grads, optimizer_state_bytes(opt_params, optimizer))

@@ -25,6 +25,7 @@ the first).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -36,7 +37,8 @@ from tunekit.estimate.model import Inventory, ModelSpec, build_model, inventory,
 from tunekit.estimate.storage import optimizer_state_bytes
 from tunekit.estimate.units import GiB, format_bytes
 
-__all__ = ["Breakdown", "Devices", "Layout", "Plan", "Recommendation", "RunSettings", "plan", "recommend"]
+__all__ = ["Breakdown", "Devices", "Layout", "LayoutFilter", "Plan", "Recommendation", "RunSettings", "plan",
+           "recommend"]
 
 
 @dataclass(frozen=True)
@@ -57,16 +59,23 @@ class Devices:
     """Share of each memory kept free."""
 
     @classmethod
-    def detect(cls, headroom: float = 0.1) -> Devices:
-        """The GPUs of this process's machine (or its CPU as one device when there is none)."""
+    def detect(cls, headroom: float = 0.1, *, processes: int | None = None, per_node: int | None = None) -> Devices:
+        """The devices of this machine, or of a job of ``processes`` ranks, ``per_node`` on each node.
+
+        With CUDA: one GPU per rank (default: every GPU here), each as large as the smallest
+        GPU of this node. Without: the job's CPU processes (default one), which share this
+        node's memory (each gets 1/``per_node`` of it; CPU offload draws on the whole).
+        """
         import torch
 
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
         if torch.cuda.is_available():
-            count = torch.cuda.device_count()
-            memory = torch.cuda.get_device_properties(0).total_memory
-            return cls(count, memory, host, count, "cuda", headroom)
-        return cls(1, host or 0, host, 1, "cpu", headroom)
+            count = processes or torch.cuda.device_count()
+            memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+            return cls(count, memory, host, per_node or count, "cuda", headroom)
+        count = processes or 1
+        local = per_node or count
+        return cls(count, (host or 0) // local, host, local, "cpu", headroom)
 
     @property
     def usable(self) -> int:
@@ -171,6 +180,10 @@ class Plan:
     advice: list[str] = field(default_factory=list)
     devices: Devices = Devices()
     settings: RunSettings = RunSettings()
+
+
+LayoutFilter = Callable[[Layout, "Devices"], bool]
+"""Which layouts a caller can run on given devices (``distributed.strategy: auto``: what this job can start)."""
 
 
 def candidate_layouts(config: Any, devices: Devices, tp_sizes: list[int] | None = None) -> list[Layout]:
@@ -303,8 +316,10 @@ def _summary(spec: ModelSpec, inv: Inventory) -> dict[str, Any]:
 
 
 def plan(spec: ModelSpec, settings: RunSettings, devices: Devices, *, tp_sizes: list[int] | None = None,
-         advise: bool = True) -> Plan:
+         advise: bool = True, allowed: LayoutFilter | None = None) -> Plan:
     """Every candidate layout's per-GPU peak for ``spec`` trained as ``settings`` on ``devices``.
+
+    ``allowed`` keeps only the layouts it accepts (rows, recommendation and advice alike).
 
     Raises:
         ValueError: the model cannot be built as described (unknown task head, adapter
@@ -316,13 +331,14 @@ def plan(spec: ModelSpec, settings: RunSettings, devices: Devices, *, tp_sizes: 
             raise ValueError(error)
     model = build_model(spec)
     ctx = _Context(spec, settings, devices, inventory(model), tp_placements(model))
-    rows = [breakdown(layout, ctx) for layout in candidate_layouts(spec.config, devices, tp_sizes)]
+    layouts = [l for l in candidate_layouts(spec.config, devices, tp_sizes) if allowed is None or allowed(l, devices)]
+    rows = [breakdown(layout, ctx) for layout in layouts]
     chosen = next((row for row in rows if row.fits), None)
     result = Plan(_summary(spec, ctx.inv), rows, chosen, _reason(rows, chosen, devices), [], devices, settings)
     if chosen is None and advise:
         from tunekit.estimate.advice import advise as advise_fixes
 
-        result.advice = advise_fixes(result, spec)
+        result.advice = advise_fixes(result, spec, allowed)
     return result
 
 
@@ -340,9 +356,10 @@ def _reason(rows: list[Breakdown], chosen: Breakdown | None, devices: Devices) -
     return reason + (f" (cheaper layouts do not: {why})" if why else "")
 
 
-def recommend(spec: ModelSpec, settings: RunSettings, devices: Devices) -> Recommendation:
-    """The cheapest layout that fits (None when nothing does), with the reason in one line."""
-    result = plan(spec, settings, devices)
+def recommend(spec: ModelSpec, settings: RunSettings, devices: Devices,
+              allowed: LayoutFilter | None = None) -> Recommendation:
+    """The cheapest layout (among those ``allowed``) that fits (None when nothing does), with the reason in one line."""
+    result = plan(spec, settings, devices, allowed=allowed)
     reason = result.reason + ("; " + "; ".join(result.advice) if result.advice else "")
     return Recommendation(result.recommended.layout if result.recommended else None, reason)
 
