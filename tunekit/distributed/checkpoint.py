@@ -62,19 +62,25 @@ def _model_state(model: nn.Module, wrapped: nn.Module) -> dict[str, torch.Tensor
     return {k: v for k, v in state.items() if k in trainable}
 
 
-def save_dcp(folder: str | Path, model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def save_dcp(folder: str | Path, model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
+             layout: Any = None) -> None:
     """Write the trainable parameters of ``model`` (as ``wrapped`` holds them) and ``optimizer``'s state (collective).
 
     Frozen tensors never enter the checkpoint: the state dict is filtered before DCP sees it.
+    ``layout.to_saved(state)`` (optional) puts tensors held in a strategy-specific order into
+    the canonical one first (tensor parallelism's packed outputs).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     state = {"model": _model_state(model, wrapped), "optim": get_optimizer_state_dict(wrapped, optimizer)}
+    if layout is not None:
+        layout.to_saved(state)
     dcp.save(state, checkpoint_id=str(folder), no_dist=_single())
 
 
-def load_dcp(folder: str | Path, model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load_dcp(folder: str | Path, model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
+             layout: Any = None) -> None:
     """Load a ``save_dcp`` folder into ``model`` and ``optimizer``, resharding to this world size.
 
     The parameters are filled in place (DCP reads into the tensors of the state dict);
@@ -97,9 +103,12 @@ def load_dcp(folder: str | Path, model: nn.Module, wrapped: nn.Module, optimizer
         raise ValueError(f"{folder}: the checkpoint holds frozen tensor {sorted(saved & frozen)[0]!r}; "
                          "it was not written by tunekit")
     state = {"model": _model_state(model, wrapped), "optim": get_optimizer_state_dict(wrapped, optimizer)}
+    finish = layout.to_loaded(state) if layout is not None else None  # canonical buffers DCP reads into
     with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended (2 -> 1 resume)
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         dcp.load(state, checkpoint_id=str(folder), no_dist=_single())
+    if finish is not None:
+        finish()
     set_optimizer_state_dict(wrapped, optimizer, state["optim"], options=StateDictOptions(strict=False))
 
 
