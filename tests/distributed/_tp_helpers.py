@@ -144,7 +144,9 @@ def run_tp(case: dict) -> dict:
     for arch in case.get("count", ()):
         results[f"{arch}-comms"] = {kind: count_collectives(arch, kind, strategy.runtime.tp_mesh)
                                     for kind in ("base", "lora", "dora")}
-    strategy.close()
+    if case.get("encoders"):
+        results["encoders"] = encoder_grads(options)
+    make_strategy(options).close()  # leaves the process group (a strategy object holds nothing else)
     return results
 
 
@@ -186,3 +188,80 @@ def reference(arch: str, method: str, out: Path, dp: int = 1) -> dict:
     record["model"] = strategy.model
     save_adapters(strategy.model, out / f"{arch}-{method}")
     return record
+
+
+# ---------------------------------------------------------------- BERT / T5: one forward and backward
+
+def encoder_model(arch: str) -> torch.nn.Module:
+    """A tiny BERT classifier or T5 with LoRA on every linear layer (the plan's, the pooler's, the classifier's)."""
+    from _tiny import tiny_bert, tiny_t5
+
+    torch.manual_seed(0)
+    model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) if arch == "bert" else tiny_t5(
+        dropout_rate=0.0)
+    torch.manual_seed(1)
+    inject_adapters(model, LoRAConfig(rank=4, alpha=8, init="random", target_modules="all-linear"))
+    return model.train()
+
+
+def encoder_batch(arch: str) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    if arch == "bert":
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2])}
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(3, VOCAB, (2, 5), generator=g)}
+
+
+def loss_and_grads(model: torch.nn.Module, arch: str, strategy=None) -> dict:
+    """The loss of one batch and every trainable gradient, whole (after the explicit partial-sum reduction)."""
+    loss = model(**encoder_batch(arch)).loss
+    loss.backward()
+    if strategy is not None:
+        strategy.reduce_gradients()
+    whole = getattr(strategy, "canonical", lambda _name, grad: grad)
+    return {"loss": float(loss), "grads": {n: whole(n, p.grad).cpu().clone() for n, p in model.named_parameters()
+                                          if p.requires_grad}}
+
+
+def encoder_grads(options: DistributedOptions) -> dict:
+    """``loss_and_grads`` of BERT and T5 split by ``options``' strategy."""
+    out = {}
+    for arch in ("bert", "t5"):
+        strategy = make_strategy(options)
+        model, _ = strategy.prepare(encoder_model(arch), lambda m: torch.optim.SGD(
+            [p for p in m.parameters() if p.requires_grad], lr=0.0))
+        out[arch] = loss_and_grads(model, arch, strategy)
+    return out
+
+
+# ---------------------------------------------------------------- resume across mesh shapes
+
+RESUME_ROWS = 50
+"""Rows of the resume runs' data (4 steps of a global batch of 8 without wrapping)."""
+
+
+def train_llama(options: dict, steps: int, accum: int, out: str, resume_from: str | None = None,
+                checkpoint: bool = False) -> dict:
+    """One rank: LoRA Llama trained ``steps`` steps under ``options`` (from ``resume_from``), adapter saved to ``out``."""
+    from tunekit.distributed.adapter_save import save_gathered_adapter
+    from tunekit.distributed.checkpoint import save_sharded_checkpoint
+
+    strategy = make_strategy(DistributedOptions(**options))
+    result = train(strategy, build("llama", "lora"), toy_data("lora", RESUME_ROWS), steps=steps, batch_size=BATCH,
+                   accum=accum, lr=LR, resume_from=resume_from)
+    save_gathered_adapter(strategy, Path(out) / "adapter")
+    record = {"losses": result["losses"]}
+    if checkpoint:
+        record["checkpoint"] = str(save_sharded_checkpoint(
+            Path(out) / "checkpoints", steps, strategy=strategy, scheduler=result["scheduler"],
+            progress={"samples_in_epoch": result["samples_in_epoch"]}, config={}, keep_last=None))
+    return record
+
+
+def train_jobs(jobs: list[dict]) -> list[dict]:
+    """``train_llama`` for each job in turn, on one process group (a launch costs seconds of start-up)."""
+    results = [train_llama(**job) for job in jobs]
+    make_strategy(DistributedOptions(**jobs[-1]["options"])).close()
+    return results
