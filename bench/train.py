@@ -187,7 +187,7 @@ class _BenchData:
     def __init__(self, rows: list[dict], collate: Collate) -> None:
         self.train, self.collate = rows, collate
 
-    def train_order(self, epoch: int, seed: int) -> list[int]:
+    def train_order(self, epoch: int, seed: int, step_rows: int | None = None) -> list[int]:
         return list(range(len(self.train)))
 
 

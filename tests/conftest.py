@@ -1,11 +1,18 @@
 """Shared test set-up. TRITON_INTERPRET must be set before anything imports triton."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Forced, not defaulted: a shell with HF_HUB_OFFLINE=0 must not let the suite reach the network.
 os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# The data cache (tunekit.data.cache) of this session only: never a user's, never left behind.
+_DATA_CACHE = tempfile.mkdtemp(prefix="tunekit-test-data-cache-")
+os.environ["TUNEKIT_DATA_CACHE"] = _DATA_CACHE
+atexit.register(shutil.rmtree, _DATA_CACHE, True)
 try:
     import torch
 

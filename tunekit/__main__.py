@@ -4,4 +4,6 @@ import sys
 
 from tunekit.cli import main
 
-sys.exit(main())
+# Guarded: a spawned worker of `tunekit finetune --nproc N` imports this module as __mp_main__.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["AdapterCheckError", "check_adapter_folder", "check_adapter_state", "check_adapter_tensors",
+__all__ = ["AdapterCheckError", "anchored", "check_adapter_folder", "check_adapter_state", "check_adapter_tensors",
            "expected_adapter_shapes", "recorded_base"]
 
 
@@ -113,16 +113,28 @@ def check_adapter_state(state: Mapping[str, torch.Tensor], adapter_cfg, model_co
 _PEFT_TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "seq_cls", "SEQ_2_SEQ_LM": "seq2seq"}
 
 
+def anchored(value: Any, folder: str | Path) -> Any:
+    """A recorded path relative to the adapter folder (``../base``: a run folder can move) made absolute;
+    anything else (a Hub id, ``pkg:``, an absolute path, None) as it is."""
+    if isinstance(value, str) and value.startswith(("./", "../")):
+        return str((Path(folder) / value).resolve())
+    return value
+
+
 def recorded_base(folder: str | Path) -> tuple[str, list[str] | None, dict[str, Any]]:
-    """(task, label names, model record) of an adapter folder: ``tunekit_base.json``, else PEFT's config."""
+    """(task, label names, model record) of an adapter folder: ``tunekit_base.json``, else PEFT's config.
+
+    Paths the record holds relative to the folder come back absolute (``anchored``)."""
     folder = Path(folder)
     record_file = folder / "tunekit_base.json"
     if record_file.is_file():
         record = json.loads(record_file.read_text(encoding="utf-8"))
-        return record["task"], record.get("label_names"), record["model"]
+        model = dict(record["model"])
+        model.update({k: anchored(model.get(k), folder) for k in ("name_or_path", "tokenizer") if k in model})
+        return record["task"], record.get("label_names"), model
     saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     task = _PEFT_TASKS.get(saved.get("task_type") or "CAUSAL_LM", "causal_lm")
-    return task, None, {"name_or_path": saved.get("base_model_name_or_path")}
+    return task, None, {"name_or_path": anchored(saved.get("base_model_name_or_path"), folder)}
 
 
 def check_adapter_folder(folder: str | Path, model_config=None):

@@ -1,13 +1,17 @@
-"""``tunekit.finetune``: one call from a config to a trained, saved adapter.
+"""``tunekit.finetune``: one call from a config to a trained, saved adapter, on one process or several.
 
-    config -> validate -> load model + tokenizer -> build data -> inject adapter -> Trainer
+    config -> validate (incl. what the strategy cannot run) -> join the processes (distributed.strategy)
+           -> load model + tokenizer -> build data -> inject adapter -> Trainer (wraps, shards)
            -> (nothing written before here) -> evaluate (before) -> Trainer.fit
-           -> save adapter [+ merged model]
+           -> save adapter (gathered) [+ merged model (streamed)]
 
 The config is validated before the model loads; the model, tokenizer, data,
 adapter targets and resume checkpoint (``Trainer`` checks the run folder and
 a changed config) before anything is written, so a command that fails leaves
-the run folder as it was. The run folder (``output.dir``) gets::
+the run folder as it was. Every process of a multi-process job (``tunekit
+finetune --nproc N``, ``tunekit.launch``, torchrun, srun, ...) runs this same
+function; rank 0 alone writes the files below, each write followed by a
+barrier. The run folder (``output.dir``) gets::
 
     resolved_config.yaml     the config as run (loads back to the same config)
     adapter/                 the adapter (PEFT's format where the method allows) + tunekit_base.json
@@ -37,8 +41,10 @@ from typing import Any
 import torch
 
 from tunekit.config import ConfigError, FinetuneConfig, config_to_yaml, load_config, task_for
+from tunekit.data.limits import check_position_limit
+from tunekit.run_report import report_run
 
-__all__ = ["BASE_INFO_NAME", "FinetuneResult", "finetune"]
+__all__ = ["BASE_INFO_NAME", "FinetuneResult", "check_runnable", "finetune"]
 
 # Written beside adapter_config.json: how to rebuild the base model (source,
 # dtype, task head, label names), which PEFT's config does not record.
@@ -72,14 +78,26 @@ class FinetuneResult:
     """"eval" (``metrics`` are evaluation metrics) or "train" (no eval data: the last training step's)."""
 
 
-def _check_runnable(cfg: FinetuneConfig) -> None:
-    # Config sections that exist for the whole toolkit but have no engine behind
-    # `finetune` in this version fail here, before anything heavy runs.
+def check_runnable(cfg: FinetuneConfig, *, nproc: int | None = None, nnodes: int = 1):
+    """The run's ``DistributedOptions``; a ``ConfigError`` (exit 2) for what cannot run, before anything loads.
+
+    ``nproc``: the processes per node a launch is about to start (``--nproc``); None when this
+    process is one of them, or the only one (the world size then comes from the environment).
+    """
+    from tunekit.config import distributed_options
+    from tunekit.distributed.checks import check_before_launch
     from tunekit.train.runtime import external_launch_problem
 
-    if cfg.distributed.strategy != "none":
-        raise ConfigError([f"distributed.strategy={cfg.distributed.strategy!r} is not wired into finetune in this "
-                           "version; use distributed.strategy: none"])
+    if nproc is None and cfg.distributed.strategy == "none" and (problem := external_launch_problem()):
+        raise ConfigError([problem])
+    options = distributed_options(cfg)
+    quantization = cfg.model.quantization
+    try:
+        check_before_launch(options, nproc=nproc, nnodes=nnodes, adapter_method=cfg.adapter.method,
+                            quantization=None if quantization is None else f"{quantization.bits}bit",
+                            fused_cross_entropy=cfg.train.fused_cross_entropy)
+    except ValueError as err:
+        raise ConfigError([str(err)]) from None
     if cfg.hub.push:  # offline, no token, bad repo id, no write access: fail now, not after training
         from tunekit.hub import PushError, check_push_config
 
@@ -87,8 +105,7 @@ def _check_runnable(cfg: FinetuneConfig) -> None:
             check_push_config(cfg.hub)
         except PushError as err:  # a run that cannot push is refused like any config: exit 2
             raise ConfigError([str(err)]) from None
-    if problem := external_launch_problem():
-        raise ConfigError([problem])
+    return options
 
 
 def _saved_base(cfg: FinetuneConfig, out: Path) -> Path | None:
@@ -142,10 +159,11 @@ class _Setup:
     """A new from_config base saved in the scratch folder, moved to ``output.dir/base`` once the run starts."""
 
 
-def _setup(cfg: FinetuneConfig, out: Path, scratch: Path) -> _Setup:
+def _setup(cfg: FinetuneConfig, out: Path, scratch: Path, main: bool) -> _Setup:
     from tunekit.adapters import inject_adapters, trainable_parameters
     from tunekit.data import build_dataset, label_names_for
     from tunekit.models import load_model
+    from tunekit.models.fastpath import choose_fast_path
 
     task = task_for(cfg)
     labels = label_names_for(cfg.data) if task == "seq_cls" else None
@@ -154,45 +172,61 @@ def _setup(cfg: FinetuneConfig, out: Path, scratch: Path) -> _Setup:
     if saved_base is not None:
         model_cfg = cfg.model.model_copy(update=dict(name_or_path=str(saved_base), tokenizer=None, from_config=False,
                                                      model_type=None, config_overrides={}))
-    torch.manual_seed(cfg.train.seed)  # a new head's init is part of the run
+    torch.manual_seed(cfg.train.seed)  # a new head's init is part of the run (the same on every rank)
     model, tokenizer = load_model(model_cfg, task=task, label_names=labels)
     new_base = None
-    if cfg.model.from_config and saved_base is None:
-        # Random weights exist only in this process: keep them (saved before the adapter goes in).
+    if cfg.model.from_config and saved_base is None and main:
+        # Random weights exist only in these processes: keep rank 0's (saved before the adapter goes
+        # in; the strategy checks every rank built the same).
         new_base = scratch / "base"
         model.save_pretrained(new_base)
         tokenizer.save_pretrained(new_base)
+    # data.packing null / attention auto: packing and the varlen attention where exact on this model.
+    fast = choose_fast_path(model, task=task, method=cfg.adapter.method, packing=cfg.data.packing,
+                            attn_implementation=cfg.model.attn_implementation)
+    cfg.data.packing = fast.packing  # resolved_config.yaml and the checkpoints record what ran
+    if main:
+        print(fast.note)
     data = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed)
     base = _base_record(cfg, saved_base or (out / "base").resolve(), model, task, labels)
     report = inject_adapters(model, cfg.adapter)
-    print(f"adapter {report.method}: wrapped {len(report.wrapped)} modules; {trainable_parameters(model)}")
-    print(data.stats.summary())
+    if main:
+        print(f"adapter {report.method}: wrapped {len(report.wrapped)} modules; {trainable_parameters(model)}")
+        print(data.stats.summary())
     return _Setup(model, tokenizer, data, base, new_base)
 
 
-def _write_run_files(cfg: FinetuneConfig, out: Path, setup: _Setup) -> Path:
-    """The run is known to start: write resolved_config.yaml (and a new base/); returns the config file."""
-    out.mkdir(parents=True, exist_ok=True)
+def _write_run_files(cfg: FinetuneConfig, out: Path, setup: _Setup, strategy) -> Path:
+    """The run is known to start: rank 0 writes resolved_config.yaml (and a new base/); returns the config file."""
     config_file = out / "resolved_config.yaml"
-    config_file.write_text(config_to_yaml(cfg), encoding="utf-8")
-    if setup.new_base is not None:
-        shutil.rmtree(out / "base", ignore_errors=True)  # an earlier run's, which left no checkpoints
-        shutil.move(str(setup.new_base), str(out / "base"))
+    if strategy.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(config_to_yaml(cfg), encoding="utf-8")
+        if setup.new_base is not None:
+            shutil.rmtree(out / "base", ignore_errors=True)  # an earlier run's, which left no checkpoints
+            shutil.move(str(setup.new_base), str(out / "base"))
+    strategy.barrier()
     return config_file
 
 
-def _save(cfg: FinetuneConfig, out: Path, model, tokenizer, base: dict) -> tuple[Path, Path | None]:
-    from tunekit.adapters import eject_adapters, save_adapters
+def _save(out: Path, setup: _Setup, strategy) -> Path:
+    """The final adapter, gathered from every rank and written by rank 0 with tunekit_base.json; a barrier after."""
+    from tunekit.distributed.adapter_save import save_gathered_adapter
 
     adapter_dir = out / "adapter"
-    save_adapters(model, adapter_dir)
-    (adapter_dir / BASE_INFO_NAME).write_text(json.dumps(base, indent=2) + "\n", encoding="utf-8")
-    if not cfg.output.save_merged:
-        return adapter_dir, None
-    merged_dir = out / "merged"
-    eject_adapters(model, merge=True).save_pretrained(merged_dir)
-    tokenizer.save_pretrained(merged_dir)
-    return adapter_dir, merged_dir
+    save_gathered_adapter(strategy, adapter_dir)
+    if strategy.is_main:
+        (adapter_dir / BASE_INFO_NAME).write_text(json.dumps(setup.base, indent=2) + "\n", encoding="utf-8")
+    strategy.barrier()
+    return adapter_dir
+
+
+def _save_merged(adapter_dir: Path, merged_dir: Path) -> None:
+    """Rank 0 only, and no barrier after: streaming a large base takes longer than a collective may wait,
+    and the other ranks have nothing left to do."""
+    from tunekit.distributed.merge_plan import merge_saved_adapter
+
+    print(merge_saved_adapter(adapter_dir, merged_dir).summary())  # from the base on disk, shard by shard
 
 
 def _summary(result: FinetuneResult) -> str:
@@ -215,6 +249,9 @@ def _summary(result: FinetuneResult) -> str:
 def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, overrides: Iterable[str] = ()) -> FinetuneResult:
     """Run one fine-tuning job as ``config`` (a FinetuneConfig, a dict, or a YAML path) describes.
 
+    Under a multi-process launcher every process calls it (``distributed.strategy`` says how they
+    share the work); each returns the same result, rank 0 alone writes files and prints.
+
     Args:
         config: the run config.
         overrides: dotted ``key=value`` strings applied on top (as on the command line).
@@ -223,43 +260,62 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, overrides:
         The metrics and where the adapter, merged model and logs went.
 
     Raises:
-        ConfigError: the config is invalid or asks for what this version cannot run (nothing has run yet).
+        ConfigError: the config is invalid or asks for what cannot run here (nothing has run yet).
         ValueError: the model, data or resume checkpoint cannot be used (one line naming the key);
             the run folder is left as it was.
     """
-    from tunekit.train import Trainer
+    from tunekit.distributed import make_strategy
 
     cfg = load_config(config, overrides)
-    _check_runnable(cfg)
-    out = Path(cfg.output.dir)
+    options = check_runnable(cfg)
+    strategy = make_strategy(options)  # joins the job's processes before anything loads
+    try:
+        return _run(cfg, strategy)
+    finally:
+        strategy.close()  # not a collective: safe after an error on another rank
+
+
+def _run(cfg: FinetuneConfig, strategy) -> FinetuneResult:
+    from tunekit.train import Trainer
+
+    out, main = Path(cfg.output.dir), strategy.is_main
+    note = check_position_limit(cfg)  # data.max_seq_len against the model's positions, before anything loads
+    if note and main:
+        print(note)
     with tempfile.TemporaryDirectory(prefix="tunekit-") as scratch:
-        setup = _setup(cfg, out, Path(scratch))
-        trainer = Trainer(setup.model, setup.data, cfg.train, out, run_config=cfg.model_dump(mode="json"))
-        config_file = _write_run_files(cfg, out, setup)
+        setup = _setup(cfg, out, Path(scratch), main)
+        trainer = Trainer(setup.model, setup.data, cfg.train, out, strategy=strategy,
+                          run_config=cfg.model_dump(mode="json"))
+        config_file = _write_run_files(cfg, out, setup, strategy)
     data = setup.data
     has_eval = data.eval is not None and len(data.eval) > 0
     before = trainer.evaluate() if cfg.output.eval_before and has_eval else None
-    trained = trainer.fit()
+    trained = trainer.fit(eval_before=before)
     if trained.interrupted:
         # A half-trained adapter must not look like the run's result: keep only the checkpoint.
-        print(f"interrupted at step {trained.global_step}; run the same command again to resume "
-              f"from {trained.checkpoint_dir}")
+        if main:
+            print(f"interrupted at step {trained.global_step}; run the same command again to resume "
+                  f"from {trained.checkpoint_dir}")
         return FinetuneResult(metrics={}, metrics_before=before, output_dir=out, adapter_dir=out / "adapter",
                               merged_dir=None, metrics_file=trained.metrics_file, config_file=config_file,
                               train=trained, interrupted=True)
     last_train = next((h for h in reversed(trained.history) if h.get("split") == "train"), None)
     last_train = {k: v for k, v in (last_train or {}).items() if k != "split"}
     after = trained.final_metrics
-    adapter_dir, merged_dir = _save(cfg, out, setup.model, setup.tokenizer, setup.base)
-    results = {"before": before, "after": after, "last_train_step": last_train}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    adapter_dir = _save(out, setup, strategy)
+    merged_dir = out / "merged" if cfg.output.save_merged else None
+    if merged_dir is not None and main:
+        _save_merged(adapter_dir, merged_dir)
     metrics = dict(after) if after is not None else {k: v for k, v in last_train.items() if k != "step"}
     result = FinetuneResult(metrics=metrics, metrics_before=before, output_dir=out, adapter_dir=adapter_dir,
                             merged_dir=merged_dir, metrics_file=trained.metrics_file, config_file=config_file,
                             train=trained, metrics_split="eval" if after is not None else "train")
-    print(_summary(result))
+    # results.json, curves, model cards, tokenizer + template, relocatable base paths: rank 0
+    notes = report_run(cfg, result, setup.tokenizer, is_main_process=main)
+    if main:
+        print("\n".join([_summary(result), *notes]))
     if cfg.hub.push:  # after the final save: a failed push leaves every file in place
         from tunekit.hub import push_after_finetune
 
-        push_after_finetune(cfg, result)
+        push_after_finetune(cfg, result, is_main_process=main)  # rank 0 only; the others need not wait
     return result

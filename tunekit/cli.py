@@ -1,8 +1,10 @@
-"""The ``tunekit`` command: finetune, merge, generate, push, estimate.
+"""The ``tunekit`` command: finetune, merge, generate, chat, push, estimate.
 
     tunekit finetune CONFIG [key=value ...] [--print-config]     (flags and overrides in any order)
+    tunekit finetune CONFIG --nproc N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]
     tunekit merge ADAPTER_DIR [--base MODEL] --out DIR
-    tunekit generate MODEL_OR_ADAPTER --prompt TEXT [--base MODEL]
+    tunekit generate MODEL_OR_ADAPTER --prompt TEXT | --file PROMPTS.jsonl [--system TEXT] [sampling options]
+    tunekit chat MODEL_OR_ADAPTER [--system TEXT] [sampling options]
     tunekit push RUN_OR_ADAPTER_DIR --repo USER/NAME [--merged] [--base-model HUB_ID] ...
     tunekit estimate MODEL_OR_CONFIG_OR_YAML [--method ...] [--gpus N] [--gpu-memory 80GB] [--json]
     tunekit --version
@@ -28,24 +30,58 @@ __all__ = ["main"]
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
+# The config's sections, for `finetune -h` (static text: -h must not import torch; a test compares it
+# with FinetuneConfig's fields).
+CONFIG_SECTIONS = {
+    "model": "the base model and tokenizer: name_or_path (Hub id, folder, pkg:), dtype, quantization, ...",
+    "adapter": "method (lora, prefix, prompt, bottleneck) and its fields: rank, alpha, target_modules, ...",
+    "data": "sources, format (text, instruction, chat, classification, seq2seq), fields, chat_template, lengths",
+    "train": "steps or epochs, batch, lr, schedule, precision, eval, checkpoints, report_to",
+    "distributed": "multi-process strategy",
+    "hub": "push the result to the Hugging Face Hub",
+    "output": "the run folder and what is written there",
+}
+FINETUNE_EPILOG = "config sections:\n" + "\n".join(f"  {k:<12} {v}" for k, v in CONFIG_SECTIONS.items()) + """
+
+Every key, its type, default and meaning: docs/config.md (generated from the config models).
+
+examples:
+  tunekit finetune cookbook/quickstart.yaml train.lr=1e-3 adapter.rank=16
+  tunekit finetune my_chat.yaml data.chat_template=llama3 data.train_turns=last --preview-data
+"""
+
+
 def _finetune_parser(sub, common) -> None:
     p = sub.add_parser(
         "finetune", parents=[common], help="train an adapter as a YAML config describes",
         description="Train an adapter. CONFIG is a YAML file (see cookbook/); key=value arguments override its "
                     "fields by dotted path (values are YAML: train.lr=1e-4, adapter.target_modules=[q_proj,v_proj]).",
+        epilog=FINETUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("args", nargs="*", metavar="CONFIG | key=value",
                    help="the config file (unless --config is given) and any dotted key=value overrides")
     p.add_argument("--config", "-c", help="the YAML config file (alternative to the positional CONFIG)")
     p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config (file + overrides + defaults) as YAML and exit without training")
+                   help="print the resolved config (file + overrides + defaults) as YAML and exit without training "
+                        "(with distributed.strategy: deepspeed, also the DeepSpeed JSON it generates)")
+    p.add_argument("--preview-data", action="store_true",
+                   help="print the first training examples as the model sees them (the part in the loss marked), "
+                        "token counts and the packing layout, then exit (loads the tokenizer, not the model)")
+    p.add_argument("--preview-rows", type=int, default=3, metavar="N", help="examples --preview-data shows (3)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="start N processes on this node (torchrun's --nproc-per-node); distributed.strategy says "
+                        "how they share the work. Not needed under torchrun, accelerate launch, deepspeed or srun")
+    p.add_argument("--nnodes", type=int, default=1, metavar="M", help="nodes of the job (with --nproc; default 1)")
+    p.add_argument("--node-rank", type=int, metavar="R", help="this node's rank (multi-node, fixed node ranks)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="the first node's address (multi-node)")
 
 
 def _merge_parser(sub, common) -> None:
     p = sub.add_parser(
         "merge", parents=[common], help="merge a saved adapter into its base model",
-        description="Load the base model, load the adapter, fold it into the weights and save a plain "
-                    "transformers model (+ tokenizer) that loads without tunekit.",
+        description="Fold the adapter into its base's weights and save a plain transformers model (+ tokenizer) "
+                    "that loads without tunekit. LoRA / DoRA on an unquantized base stream the base's safetensors "
+                    "shard by shard (memory about one shard); otherwise the base is loaded whole.",
     )
     p.add_argument("adapter_dir", help="folder with adapter_config.json + adapter_model.safetensors")
     p.add_argument("--base", help="base model (Hub id, folder or pkg:<package>); default: the one the adapter records")
@@ -54,22 +90,51 @@ def _merge_parser(sub, common) -> None:
                    help="dtype of the merged model; default: the training dtype (fp32 if it was quantized)")
 
 
+def _sampling_options(p) -> None:
+    """Decoding flags shared by generate and chat."""
+    p.add_argument("--base", help="base model for an adapter folder; default: the one the adapter records")
+    p.add_argument("--system", help="system prompt replacing the run's data.system (chat and instruction runs)")
+    p.add_argument("--chat-template", metavar="NAME|FILE",
+                   help="prompt a plain model through this chat template (chatml, llama3, ..., a .jinja file, or "
+                        "'tokenizer'); adapters use the template they were trained with")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length limit (default 64; chat 256)")
+    p.add_argument("--temperature", type=float, help="sample at this temperature (0 or unset: greedy decoding)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: keep the smallest set of tokens with this mass")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--repetition-penalty", type=float, help="penalise repeated tokens (> 1 repeats less)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="a string that ends the reply (repeat for several); the run's end-of-turn is always one")
+    p.add_argument("--sample", action="store_true", help="sample (temperature 1) instead of greedy decoding")
+
+
 def _generate_parser(sub, common) -> None:
     p = sub.add_parser(
-        "generate", parents=[common], help="run a model or adapter on a prompt",
-        description="Causal and seq2seq models print the generated text; classifiers print the predicted label.",
+        "generate", parents=[common], help="run a model or adapter on prompts",
+        description="Causal and seq2seq models print the generated text as it is produced; classifiers print "
+                    "the predicted label. Prompts become the ids training built for them.",
     )
     p.add_argument("model", help="an adapter folder (adapter_config.json), a model folder, a Hub id or pkg:<package>")
-    p.add_argument("--prompt", required=True, action="append", help="input text (repeat for several prompts)")
+    p.add_argument("--prompt", action="append", help="input text (repeat for several prompts)")
     p.add_argument("--input", action="append", dest="inputs", metavar="TEXT",
                    help="the instruction's input (instruction runs), or the second text of a pair (classifiers "
                         "of text pairs); one per --prompt, in order")
-    p.add_argument("--base", help="base model for an adapter folder; default: the one the adapter records")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generation length limit (default 64)")
-    p.add_argument("--sample", action="store_true", help="sample (temperature 1) instead of greedy decoding")
+    p.add_argument("--file", metavar="PROMPTS.jsonl",
+                   help="read prompts from a JSONL file (a string, {prompt, input, system}, or a row of the "
+                        "training format per line) and print one JSON object {prompt, output} per line")
+    _sampling_options(p)
     p.add_argument("--raw", action="store_true",
                    help="feed the prompt as is (default: the token ids training built for it: the run's "
                         "instruction or chat template, special tokens as in training)")
+
+
+def _chat_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "chat", parents=[common], help="talk to a trained model, turn by turn",
+        description="An interactive multi-turn session with the run's chat template (and system prompt): type a "
+                    "message, the reply streams back. /reset clears the history, /exit or Ctrl-D ends.",
+    )
+    p.add_argument("model", help="an adapter folder, a model folder, a Hub id or pkg:<package>")
+    _sampling_options(p)
 
 
 def _push_parser(sub, common) -> None:
@@ -146,10 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunekit", description="Parameter-efficient fine-tuning of Hugging Face Transformers.")
     parser.add_argument("--version", action="version", version=f"tunekit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{finetune,merge,generate,push,estimate}")
+    sub = parser.add_subparsers(dest="command", metavar="{finetune,merge,generate,chat,push,estimate}")
     _finetune_parser(sub, common)
     _merge_parser(sub, common)
     _generate_parser(sub, common)
+    _chat_parser(sub, common)
     _push_parser(sub, common)
     _estimate_parser(sub, common)
     return parser
@@ -194,6 +260,35 @@ def _split_finetune_args(args: argparse.Namespace) -> tuple[str, list[str]]:
     return paths[0], overrides
 
 
+def _deepspeed_comment(cfg, args: argparse.Namespace) -> str:
+    """The DeepSpeed config a deepspeed run uses, as YAML comments (the printed config stays loadable)."""
+    import json
+
+    from tunekit.config import distributed_options
+    from tunekit.distributed.deepspeed_zero import deepspeed_config
+    from tunekit.distributed.env import read_env
+
+    world = args.nproc * args.nnodes if args.nproc else read_env().world_size
+    text = json.dumps(deepspeed_config(distributed_options(cfg), world), indent=2)
+    source = cfg.distributed.deepspeed_config or "generated"
+    head = (f"# distributed.strategy: deepspeed, {world} process(es): the DeepSpeed config ({source}); write it to a "
+            "file and set distributed.deepspeed_config to replace it\n")
+    return head + "".join(f"# {line}\n" for line in text.splitlines())
+
+
+def _launch_finetune(args: argparse.Namespace, cfg, path: str, overrides: list[str]) -> int:
+    """``--nproc N``: refuse what cannot work, then run the same command (without the launch flags) on N ranks."""
+    from tunekit.api import check_runnable
+    from tunekit.distributed.launch import launch_command
+
+    if args.nproc < 1 or args.nnodes < 1:
+        raise UsageError(f"finetune: --nproc {args.nproc} --nnodes {args.nnodes}: need at least 1 of each")
+    check_runnable(cfg, nproc=args.nproc, nnodes=args.nnodes)
+    argv = ["finetune", path, *overrides, *(["--debug"] if args.debug else [])]
+    return launch_command(argv, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                          rdzv_endpoint=args.rdzv_endpoint)
+
+
 def _run_finetune(args: argparse.Namespace) -> int:
     from tunekit.config import config_to_yaml, load_config
 
@@ -201,10 +296,21 @@ def _run_finetune(args: argparse.Namespace) -> int:
     cfg = load_config(path, overrides)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
+        if cfg.distributed.strategy == "deepspeed":
+            print(_deepspeed_comment(cfg, args), end="")
         return 0
+    if args.preview_data:
+        from tunekit.data.preview import preview_data
+
+        print(preview_data(cfg, rows=args.preview_rows))
+        return 0
+    if args.nproc is None and (args.nnodes != 1 or args.node_rank is not None or args.rdzv_endpoint):
+        raise UsageError("finetune: --nnodes, --node-rank and --rdzv-endpoint go with --nproc N (processes per node)")
+    if args.nproc is not None and (args.nproc != 1 or args.nnodes != 1):
+        return _launch_finetune(args, cfg, path, overrides)
     from tunekit.api import finetune
 
-    result = finetune(cfg)
+    result = finetune(cfg)  # one process (--nproc 1), or one rank of an external launcher's job
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
@@ -212,22 +318,56 @@ def _run_merge(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"merge: --out {args.out} is a file; give a folder (new or existing) to write the merged "
                          "model to")
-    from tunekit.inference import merge_adapter
+    from tunekit.distributed.merge_plan import merge_saved_adapter
 
-    out = merge_adapter(args.adapter_dir, Path(args.out), base=args.base, dtype=args.dtype)
-    print(f"merged model written to {out}")
+    # Streamed shard by shard from the base on disk where that gives the same model (peak memory
+    # about one shard), else the base is loaded whole (a QLoRA adapter: into its dequantized weights).
+    print(merge_saved_adapter(args.adapter_dir, Path(args.out), base=args.base, dtype=args.dtype).summary())
     return 0
+
+
+def _options(args: argparse.Namespace, default_tokens: int):
+    from tunekit.generation import GenerationOptions
+
+    try:
+        return GenerationOptions(max_new_tokens=args.max_new_tokens or default_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                                 stop=args.stop, sample=args.sample)
+    except ValueError as err:
+        raise UsageError(f"{args.command}: {err}") from None
+
+
+def _loaded(args: argparse.Namespace):
+    from tunekit.inference import load_for_inference
+
+    loaded = load_for_inference(args.model, args.base)
+    if args.chat_template is not None:
+        loaded.use_chat_template(None if args.chat_template == "tokenizer" else args.chat_template)
+    return loaded
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     from tunekit.inference import predict
 
-    if args.inputs is not None and len(args.inputs) != len(args.prompt):
-        raise UsageError(f"generate: {len(args.inputs)} --input for {len(args.prompt)} --prompt; give one per prompt")
-    for line in predict(args.model, args.prompt, base=args.base, max_new_tokens=args.max_new_tokens,
-                        sample=args.sample, raw=args.raw, inputs=args.inputs):
-        print(line)
+    if (args.prompt is None) == (args.file is None):
+        raise UsageError("generate: give --prompt TEXT (repeatable) or --file PROMPTS.jsonl")
+    if args.inputs is not None and len(args.inputs) != len(args.prompt or []):
+        raise UsageError(f"generate: {len(args.inputs)} --input for {len(args.prompt or [])} --prompt; "
+                         "give one per prompt")
+    options = _options(args, 64)
+    if args.file is not None:
+        from tunekit.prompt_file import run_prompt_file
+
+        return run_prompt_file(_loaded(args), args.file, options, raw=args.raw, system=args.system)
+    predict(_loaded(args), args.prompt, raw=args.raw, inputs=args.inputs, system=args.system, options=options,
+            stream=sys.stdout)
     return 0
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from tunekit.chat_session import run_chat
+
+    return run_chat(_loaded(args), system=args.system, options=_options(args, 256))
 
 
 def _run_push(args: argparse.Namespace) -> int:
@@ -285,8 +425,8 @@ def _run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"finetune": _run_finetune, "merge": _run_merge, "generate": _run_generate, "push": _run_push,
-             "estimate": _run_estimate}
+_COMMANDS = {"finetune": _run_finetune, "merge": _run_merge, "generate": _run_generate, "chat": _run_chat,
+             "push": _run_push, "estimate": _run_estimate}
 
 
 def _one_line(err: BaseException) -> str:

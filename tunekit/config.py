@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import logging
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "OutputConfig",
     "apply_overrides",
     "config_to_yaml",
+    "distributed_options",
     "load_config",
     "task_for",
 ]
@@ -53,18 +55,45 @@ _SECTION = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class DistributedConfig(BaseModel):
-    """How the model is spread over processes (one process: ``strategy: none``)."""
+    """How the model is spread over processes (one process: ``strategy: none``).
+
+    The processes come from ``tunekit finetune --nproc N``, ``tunekit.launch(..., nproc=N)`` or an
+    external launcher (torchrun, accelerate launch, deepspeed, srun); every rank reads its own shard
+    of each step's global batch of ``train.batch_size x train.grad_accum_steps x processes`` rows.
+    """
 
     model_config = _SECTION
 
-    strategy: Literal["none", "ddp", "fsdp", "deepspeed", "tp"] = "none"
-    """Registry name of the strategy: none, ddp, fsdp (FSDP2 ZeRO-3), deepspeed (ZeRO-3) or tp."""
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
+    """none (one process), ddp (replicas), fsdp (FSDP2 ZeRO-3 sharding) or deepspeed (DeepSpeed ZeRO-3)."""
 
     cpu_offload: bool = False
-    """fsdp / deepspeed: keep sharded parameters and optimizer state in CPU memory."""
+    """fsdp / deepspeed: keep sharded parameters, gradients and optimizer state in host memory between uses."""
+
+    reshard_after_forward: bool = True
+    """fsdp: free each layer's gathered weights after forward (ZeRO-3); false keeps them to backward (ZeRO-2-like)."""
+
+    dp_replicate: int = Field(1, ge=1)
+    """fsdp: replicas of the sharded model (HSDP); each replica is sharded over processes / dp_replicate."""
+
+    timeout_s: float = Field(300.0, gt=0)
+    """Seconds a collective may wait before the job fails (a hanging rank); torch's own default is 30 minutes."""
+
+    deepspeed_config: Path | None = None
+    """deepspeed: a DeepSpeed JSON file used instead of the generated one (``--print-config`` shows that one)."""
 
     tp_size: int = Field(1, ge=1)
-    """Tensor-parallel degree (tp only)."""
+    """Tensor-parallel degree; tensor parallelism is not available in this version (keep 1)."""
+
+    @model_validator(mode="after")
+    def _check_values(self) -> DistributedConfig:
+        if self.tp_size != 1:
+            raise ValueError(f"distributed.tp_size={self.tp_size}: tensor parallelism is not available in this "
+                             "version; set distributed.tp_size: 1")
+        if self.dp_replicate > 1 and self.strategy != "fsdp":
+            raise ValueError(f"distributed.dp_replicate={self.dp_replicate} is for strategy fsdp (HSDP); "
+                             f"set it to 1 for strategy {self.strategy!r}")
+        return self
 
 
 class HubConfig(BaseModel):
@@ -107,14 +136,13 @@ def _adapter_union() -> Any:
     return Annotated[Union[classes], Field(discriminator="method")]  # noqa: UP007
 
 
-_FORMAT_TASKS = {"classification": "seq_cls", "seq2seq": "seq2seq"}
 
 
 def task_for(cfg: FinetuneConfig) -> str:
     """The model head a run needs: ``model.task``, or what ``data.format`` implies."""
     if cfg.model.task != "auto":
         return cfg.model.task
-    return _FORMAT_TASKS.get(cfg.data.format, "causal_lm")
+    return cfg.data.task
 
 
 class FinetuneConfig(BaseModel):
@@ -153,7 +181,7 @@ class FinetuneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> FinetuneConfig:
-        implied = _FORMAT_TASKS.get(self.data.format, "causal_lm")
+        implied = self.data.task
         if self.model.task not in ("auto", implied):
             raise ValueError(f"model.task={self.model.task!r} does not fit data.format={self.data.format!r} "
                              f"(which trains {implied!r}); set model.task: auto")
@@ -168,7 +196,26 @@ class FinetuneConfig(BaseModel):
                              "virtual tokens would let packed examples attend to each other; set data.packing: false")
         if self.hub.push and not self.hub.repo_id:
             raise ValueError("hub.push=true needs hub.repo_id (e.g. 'user/my-adapter')")
+        if problem := distributed_problem(self):
+            raise ValueError(problem)
         return self
+
+
+def distributed_options(cfg: FinetuneConfig):
+    """The ``tunekit.distributed.DistributedOptions`` of a run (its ``distributed:`` and ``train:`` sections)."""
+    from tunekit.distributed.options import DistributedOptions
+
+    return DistributedOptions.from_configs(cfg.distributed, cfg.train)
+
+
+def distributed_problem(cfg: FinetuneConfig) -> str | None:
+    """Why the run's method, base and training settings cannot run under its strategy (one line), or None."""
+    from tunekit.distributed.checks import config_problem
+
+    quantization = cfg.model.quantization
+    return config_problem(distributed_options(cfg), cfg.adapter.method,
+                          None if quantization is None else f"{quantization.bits}bit",
+                          fused_cross_entropy=cfg.train.fused_cross_entropy)
 
 
 class ConfigError(ValueError):
@@ -234,16 +281,38 @@ def load_config(source: str | Path | Mapping[str, Any] | FinetuneConfig,
         ConfigError: the file is missing or malformed, or the tree is invalid.
     """
     if isinstance(source, FinetuneConfig):
-        raw = source.model_dump(mode="json")
+        # Unset fields stay unset (defaults that depend on the model, e.g. data.max_seq_len, are adjusted later).
+        raw = source.model_dump(mode="json", exclude_unset=True)
     elif isinstance(source, Mapping):
         raw = dict(source)
     else:
         raw = read_yaml(source)
-    tree = apply_overrides(raw, overrides)
+    overrides = list(overrides)
+    tree = _switch_method(raw, apply_overrides(raw, overrides), overrides)
     try:
         return FinetuneConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_errors(err, tree)) from None
+
+
+def _switch_method(raw: Mapping[str, Any], tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """An override that changes ``adapter.method`` drops the file's fields the new method does not have
+    (a note names them), instead of refusing them: ``adapter.method=prefix`` on a LoRA config just works."""
+    file_adapter = raw.get("adapter") if isinstance(raw.get("adapter"), dict) else None
+    adapter = tree.get("adapter")
+    if file_adapter is None or not isinstance(adapter, dict):
+        return tree
+    old, new = file_adapter.get("method", "lora"), adapter.get("method", "lora")
+    if old == new or new not in METHODS:
+        return tree
+    fields = METHODS[new].config_cls.model_fields
+    given = {item.partition("=")[0].removeprefix("adapter.") for item in overrides if item.startswith("adapter.")}
+    dropped = sorted(k for k in adapter if k not in fields and k not in given)
+    if dropped:
+        logging.getLogger("tunekit.config").warning(
+            "adapter.method=%s (override) replaces the file's %s adapter: dropped %s",
+            new, old, ", ".join(f"adapter.{k}" for k in dropped))
+    return {**tree, "adapter": {k: v for k, v in adapter.items() if k not in dropped}}
 
 
 def config_to_yaml(cfg: FinetuneConfig) -> str:

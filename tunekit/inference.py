@@ -14,14 +14,16 @@ Example:
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
 
 from tunekit.adapters.hf.tasks import TASKS
+from tunekit.generation import GenerationOptions, generate_text
 from tunekit.models.config import ModelConfig
 
 __all__ = ["Loaded", "classify", "load_adapted", "load_for_inference", "merge_adapter", "predict"]
@@ -54,7 +56,14 @@ class Loaded:
             self._renderer = PromptRenderer(cfg, self.tokenizer, inference=True)
         return self._renderer
 
-    def prompt_ids(self, prompt: str | dict, second: str | None = None, raw: bool = False) -> list[int]:
+    def use_chat_template(self, template: str | None) -> None:
+        """Prompt a plain model (no recorded run) through a chat template: a name, a ``.jinja`` file,
+        Jinja text, or None for the tokenizer's own."""
+        self.data = {"train_files": ["-"], "format": "chat", "chat_template": template}
+        self._renderer = None
+
+    def prompt_ids(self, prompt: str | dict, second: str | None = None, raw: bool = False,
+                   system: str | None = None) -> list[int]:
         """The token ids the model is given for ``prompt``: those training built for the same prompt.
 
         Args:
@@ -62,20 +71,55 @@ class Loaded:
                 row of the training format (``{"instruction": ..., "input": ...}``, ``{"messages": [...]}``).
             second: an instruction's input, or a classification pair's second text.
             raw: tokenize the text as is (the tokenizer's special tokens, no template).
+            system: a system prompt replacing the run's (chat and instruction runs).
         """
         prompts = None if raw else self._prompts()
         if prompts is None:
-            if not isinstance(prompt, str):
-                raise ValueError("a prompt given as a row needs the run's data config (an adapter saved by "
-                                 "tunekit finetune) and raw=False")
+            if not isinstance(prompt, str) or system is not None:
+                raise ValueError("a prompt given as a row, or a system prompt, needs the run's data config (an "
+                                 "adapter saved by tunekit finetune, or --chat-template) and no --raw")
             return list(self.tokenizer(prompt, second)["input_ids"])
         from tunekit.data.chat import SkipRow
 
         try:
-            return prompts.prompt_ids(prompts.row_for(prompt, second))[0]
+            return prompts.prompt_ids(prompts.row_for(prompt, second, system))[0]
         except SkipRow as skip:
             raise ValueError(f"prompt {prompt!r} does not fit data.format {prompts.cfg.format!r}: "
                              f"{skip.args[0]}") from None
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation so far plus the generation prompt, with the run's chat template.
+
+        Raises:
+            ValueError: the run has no chat template (not a chat run, and none given).
+        """
+        from tunekit.data.chat import SkipRow
+
+        prompts = self._prompts()
+        if prompts is None or prompts.chat is None:
+            raise ValueError("this model has no chat template from its run: pass --chat-template NAME (chatml, "
+                             "llama3, ...), a .jinja file, or 'tokenizer' for the tokenizer's own")
+        try:
+            return prompts.chat.generation_ids(messages)
+        except SkipRow as skip:
+            raise ValueError(f"the chat template rejects the conversation: {skip.args[0]}") from None
+
+    def end_of_turn(self) -> str | None:
+        """The text the run's chat template closes a reply with (None without a chat template)."""
+        from tunekit.data.chat import SkipRow
+
+        prompts = self._prompts()
+        if prompts is None or prompts.chat is None:
+            return None
+        try:
+            return prompts.chat.end_of_turn()
+        except SkipRow:
+            return None
+
+    @property
+    def system(self) -> str | None:
+        """The run's default system prompt (``data.system``)."""
+        return (self.data or {}).get("system")
 
     def stop_ids(self) -> list[int] | None:
         """End-of-sequence ids for generation: the model's own and those training ended responses with."""
@@ -92,6 +136,7 @@ def _read_json(path: Path) -> dict:
 
 def _base_info(adapter_dir: Path, base: str | None) -> tuple[ModelConfig, str, list[str] | None, dict | None]:
     """(model config, task, label names, data section) of the base an adapter folder was trained on."""
+    from tunekit.adapter_check import anchored
     from tunekit.api import BASE_INFO_NAME
 
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -108,11 +153,22 @@ def _base_info(adapter_dir: Path, base: str | None) -> tuple[ModelConfig, str, l
             raise ValueError(f"{adapter_dir}: task_type {saved.get('task_type')!r} needs the label names and head "
                              f"that {BASE_INFO_NAME} records; use an adapter saved by tunekit finetune")
         fields, labels, data = {"name_or_path": saved.get("base_model_name_or_path")}, None, None
+    fields = {**fields, **{k: anchored(fields.get(k), adapter_dir) for k in ("name_or_path", "tokenizer") if k in fields}}
     if base is not None:
         fields = {**fields, "name_or_path": base, "tokenizer": None}
-    if not fields.get("name_or_path"):
+    source = fields.get("name_or_path")
+    if not source:
         raise ValueError(f"{adapter_dir} does not record its base model; pass --base MODEL")
+    if base is None and Path(source).is_absolute() and not Path(source).exists():
+        raise ValueError(f"{adapter_dir} records its base model at {source}, which does not exist (was the run "
+                         "folder moved, or the base deleted?); pass --base MODEL")
+    if base is None and _has_tokenizer(adapter_dir):  # saved by finetune, with the run's chat template
+        fields = {**fields, "tokenizer": str(adapter_dir)}
     return ModelConfig(**fields), task, labels, data
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file()
 
 
 def load_adapted(adapter_dir: str | Path, base: str | None = None, *, dtype: str | None = None) -> Loaded:
@@ -130,9 +186,27 @@ def load_adapted(adapter_dir: str | Path, base: str | None = None, *, dtype: str
     model_cfg, task, labels, data = _base_info(folder, base)
     if dtype is not None:
         model_cfg = model_cfg.model_copy(update={"dtype": dtype})
-    model, tokenizer = load_model(model_cfg, task=task, label_names=labels)
+    with _quiet_new_head(task):
+        model, tokenizer = load_model(model_cfg, task=task, label_names=labels)
     load_adapters(model, folder)
     return Loaded(model.eval(), tokenizer, task, data)
+
+
+@contextmanager
+def _quiet_new_head(task: str):
+    """transformers reports a classifier's head as "newly initialized ... consider training" when it loads
+    the base; the adapter's trained head replaces it right after, so the report is wrong here."""
+    if task != "seq_cls":
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 def load_for_inference(source: str, base: str | None = None) -> Loaded:
     """An adapter folder (base + adapter) or a plain model (Hub id, folder, pkg:) ready to predict."""
     from transformers import AutoConfig
@@ -175,35 +249,38 @@ def classify(loaded: Loaded, ids: list[list[int]], batch_size: int = 16) -> torc
     return torch.cat(out)
 
 
-@torch.no_grad()
-def predict(source: str, prompts: list[str | dict], base: str | None = None, max_new_tokens: int = 64,
-            sample: bool = False, raw: bool = False, batch_size: int = 16,
-            inputs: list[str] | None = None) -> list[str]:
+def predict(source: str | Loaded, prompts: list[str | dict], base: str | None = None, max_new_tokens: int = 64,
+            sample: bool = False, raw: bool = False, batch_size: int = 16, inputs: list[str] | None = None, *,
+            system: str | None = None, options: GenerationOptions | None = None, stream: IO[str] | None = None,
+            chat_template: str | None = None) -> list[str]:
     """One output per prompt: the predicted label (classifiers) or the generated continuation.
 
     Each prompt becomes the token ids training built for the same prompt (``Loaded.prompt_ids``:
-    the run's instruction or chat template, the tokenizer's special tokens as training added them),
-    unless ``raw``; ``inputs`` gives each prompt its instruction input or second text of a pair.
-    Classifiers run in batches of ``batch_size``; generation stops at the model's EOS or the end
-    tokens training closed responses with.
+    the run's instruction or chat template, its system prompt or ``system``, the tokenizer's special
+    tokens as training added them), unless ``raw``; ``inputs`` gives each prompt its instruction input
+    or second text of a pair. Classifiers run in batches of ``batch_size``; generation
+    (``tunekit.generation``: ``options`` replace ``max_new_tokens`` / ``sample``) stops at the model's
+    EOS, the end tokens training closed responses with, the chat template's end of turn or a stop
+    string, and is written to ``stream`` as it is produced when one is given.
+
+    Args:
+        source: an adapter folder, a model (folder, Hub id, ``pkg:``), or an already ``Loaded`` model.
+        chat_template: prompt a plain model through this chat template (name, file, Jinja, "tokenizer").
     """
     if inputs is not None and len(inputs) != len(prompts):
         raise ValueError(f"{len(inputs)} inputs for {len(prompts)} prompts: give one input per prompt")
-    loaded = load_for_inference(source, base)
-    model, tokenizer, task = loaded.model, loaded.tokenizer, loaded.task
+    loaded = source if isinstance(source, Loaded) else load_for_inference(source, base)
+    if chat_template is not None:
+        loaded.use_chat_template(None if chat_template == "tokenizer" else chat_template)
+    options = options or GenerationOptions(max_new_tokens=max_new_tokens, sample=sample)
     seconds = inputs if inputs is not None else [None] * len(prompts)
-    ids = [loaded.prompt_ids(prompt, second, raw=raw) for prompt, second in zip(prompts, seconds)]
-    if task == "seq_cls":
-        return [str(model.config.id2label[int(i)]) for i in classify(loaded, ids, batch_size).argmax(-1)]
-    outputs, stop = [], loaded.stop_ids()
-    for row in ids:
-        prompt_ids = torch.tensor([row], device=model.device)
-        generated = model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
-                                   max_new_tokens=max_new_tokens, do_sample=sample,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
-        new = generated[0] if task == "seq2seq" else generated[0, len(row):]
-        outputs.append(tokenizer.decode(new, skip_special_tokens=True))
-    return outputs
+    ids = [loaded.prompt_ids(prompt, second, raw=raw, system=system) for prompt, second in zip(prompts, seconds)]
+    if loaded.task == "seq_cls":
+        labels = [str(loaded.model.config.id2label[int(i)]) for i in classify(loaded, ids, batch_size).argmax(-1)]
+        for label in labels if stream is not None else []:
+            stream.write(label + "\n")
+        return labels
+    return [generate_text(loaded, row, options, stream=stream) for row in ids]
 
 
 def _dequantize_all(model: nn.Module) -> None:

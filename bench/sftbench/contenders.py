@@ -16,8 +16,9 @@ of the loss. Unpacked contenders take ``batch`` examples per step; packed ones
   (completion-only loss, its default for them) with ``packing=True`` (BFD, padding-free
   rows) or ``padding_free=True``; ``bf16`` and ``gradient_checkpointing`` (on by default
   in TRL) switched off, as for everyone.
-- ``tunekit:*``: ``tunekit.load_config`` -> ``load_model`` -> ``build_dataset`` ->
-  ``inject_adapters`` -> ``Trainer.fit`` -> ``save_adapters``, as ``tunekit.finetune`` does.
+- ``tunekit:*``: ``tunekit.load_config`` -> ``load_model`` -> ``choose_fast_path`` -> ``build_dataset``
+  -> ``inject_adapters`` -> ``Trainer.fit`` -> ``save_adapters``, as ``tunekit.finetune`` does;
+  ``tunekit:defaults`` sets nothing but the job (packing and the attention are tunekit's defaults).
 
 The timed window is the training loop only: HF's ``on_train_begin`` to ``on_train_end``,
 tunekit's ``fit()``. Model loading and tokenization are timed apart ("prep").
@@ -171,11 +172,17 @@ def tunekit_config(spec: dict, ws: Workspace, out: str, *, packing: bool | None 
 def tunekit_run(spec: dict, ws: Workspace, out: str, recorder: BatchRecorder, meter: TrainMeter, **options) -> Job:
     from tunekit import Trainer, build_dataset, load_config, load_model
     from tunekit.adapters import inject_adapters, save_adapters
+    from tunekit.models.fastpath import choose_fast_path
 
     cfg = load_config(tunekit_config(spec, ws, out, **options))
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_model(cfg.model, task="causal_lm")
-    data = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed)
+    # What `tunekit finetune` does with the settings left at their defaults (packing where exact).
+    fast = choose_fast_path(model, task="causal_lm", method=cfg.adapter.method, packing=cfg.data.packing,
+                            attn_implementation=cfg.model.attn_implementation)
+    cfg.data.packing = fast.packing
+    cfg.train.batch_size = spec["packed_batch"] if fast.packing else spec["batch"]
+    data = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed, cache=ws.root / "data-cache")
     inject_adapters(model, cfg.adapter)
     reset_lora(model)
     data.collate = recorder.wrap(data.collate)
@@ -199,15 +206,16 @@ CONTENDERS = {
     "peft+trainer:group_by_length": _contender(peft_trainer, group_by_length=True),
     "trl:packing": _contender(trl_sft, packing=True),
     "trl:padding_free": _contender(trl_sft, packing=False),
+    # tunekit with nothing set but the job: whatever its defaults are (packing and the varlen attention
+    # where exact: one packed row a step, as the other packed contenders).
+    "tunekit:defaults": _contender(tunekit_run, packing=None, attn=None),
     "tunekit": _contender(tunekit_run),
     "tunekit:group_by_length": _contender(tunekit_run, group_by_length=True),
     "tunekit:packing": _contender(tunekit_run, packing=True),
     "tunekit:packing+tunekit_attn": _contender(tunekit_run, packing=True, attn="tunekit"),
     "tunekit:packing+fused_ce": _contender(tunekit_run, packing=True, fused=True),
-    # tunekit with nothing set but the job: whatever its defaults are (not in the default set).
-    "tunekit:defaults": _contender(tunekit_run, packing=None, attn=None),
 }
-DEFAULT_CONTENDERS = tuple(name for name in CONTENDERS if name != "tunekit:defaults")
+DEFAULT_CONTENDERS = tuple(CONTENDERS)
 
 
 def worker_env(threads: int) -> dict[str, str]:

@@ -18,8 +18,9 @@ event's self time goes to one category:
 
 It also counts host syncs per micro-batch (``aten::_local_scalar_dense``: ``.item()``, ``float()``,
 ``int()`` of a tensor) and ``aten::nonzero`` calls (data-dependent shapes: a sync on a GPU).
-``--tokenize-rows N`` times data preparation instead: tunekit's ``build_dataset`` (unpacked,
-packed) against a batched ``datasets.map`` with the same fast tokenizer.
+``--tokenize-rows N`` times data preparation instead: tunekit's ``build_dataset`` (row-wise without
+the cache, unpacked and packed; a cache miss with 1 and 2 encoding processes; a cache hit) against a
+batched ``datasets.map`` with the same fast tokenizer.
 """
 
 from __future__ import annotations
@@ -238,7 +239,14 @@ def tokenize_timing(rows_n: int, spec: dict) -> dict:
             raw = tunekit_config(spec, ws, tmp, packing=packing)
             raw["data"]["train_files"] = [path]
             cfg = load_config(raw)
-            _, out[f"tunekit build_dataset (packing={packing})"] = _timed(lambda: build_dataset(cfg.data, tokenizer))
+            _, out[f"tunekit build_dataset row-wise, no cache (packing={packing})"] = _timed(
+                lambda: build_dataset(cfg.data, tokenizer, cache=False))
+        for procs in (1, 2):
+            cache = f"{tmp}/cache-{procs}"
+            _, out[f"tunekit build_dataset cache miss, num_proc={procs} (packing=True)"] = _timed(
+                lambda: build_dataset(cfg.data, tokenizer, cache=cache, num_proc=procs))  # noqa: B023
+        _, out["tunekit build_dataset cache hit (packing=True)"] = _timed(
+            lambda: build_dataset(cfg.data, tokenizer, cache=cache))
 
         def encode_batch(batch):
             examples = [encode(tokenizer, dict(zip(batch, values)), spec["max_seq_len"])

@@ -162,13 +162,18 @@ def _lse(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | No
 
 
 def _packed(q, k, v, causal, scale, cu_q, cu_k, return_lse):
-    """Loop over the sequences of a packed batch: (T, H, D) slices -> (1, H, L, D) calls."""
+    """Loop over the sequences of a packed batch: (T, H, D) pieces -> (1, H, L, D) calls.
+
+    ``split`` rather than one slice per sequence: its backward is one concatenation, where every
+    slice's backward would zero-fill a gradient as large as the whole batch.
+    """
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    lengths_q = [b - a for a, b in zip(bounds_q, bounds_q[1:])]
+    lengths_k = [b - a for a, b in zip(bounds_k, bounds_k[1:])]
+    pieces = zip(q.split(lengths_q), k.split(lengths_k), v.split(lengths_k))
     outs, lses = [], []
-    for i in range(len(bounds_q) - 1):
-        qi = q[bounds_q[i]:bounds_q[i + 1]].transpose(0, 1)[None]  # (1, H, Lq_i, D)
-        ki = k[bounds_k[i]:bounds_k[i + 1]].transpose(0, 1)[None]  # (1, KV, Lk_i, D)
-        vi = v[bounds_k[i]:bounds_k[i + 1]].transpose(0, 1)[None]
+    for qi, ki, vi in pieces:
+        qi, ki, vi = (t.transpose(0, 1)[None] for t in (qi, ki, vi))  # (1, H | KV, L_i, D)
         out, lse = _dense(qi, ki, vi, causal, scale, None, None, return_lse)
         outs.append(out[0].transpose(0, 1))  # (Lq_i, H, D)
         lses.append(lse[0] if return_lse else None)  # (H, Lq_i)

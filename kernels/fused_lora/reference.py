@@ -26,4 +26,9 @@ def lora_linear_ref(
     if upcast:
         to32 = [t.float() if t is not None else None for t in (x, weight, bias, lora_a, lora_b)]
         return lora_linear_ref(*to32, scaling).to(x.dtype)
-    return F.linear(x, weight, bias) + F.linear(F.linear(x, lora_a), lora_b) * scaling
+    # The scale goes on the rank-r intermediate and the update is accumulated into the base GEMM's
+    # output (beta = 1): no elementwise pass over the (N, out) output, forward or backward.
+    rows = x.reshape(-1, x.shape[-1])  # (N, in)
+    out = F.linear(rows, weight, bias)  # (N, out), a fresh tensor: the in-place add below is safe
+    out.addmm_(F.linear(rows, lora_a) * scaling, lora_b.t())
+    return out.view(*x.shape[:-1], out.shape[-1])

@@ -1,15 +1,17 @@
-"""What the multi-process tests run: tiny models, toy data, and the training loop the trainer will run.
+"""What the multi-process tests run: tiny models, toy data, and tunekit's ``Trainer`` on a strategy.
 
-``train`` drives the strategy interface exactly as the trainer will (phase 2): rank
-windows from the global order, placeholders at weight 0, the global target count
-all-reduced before backward, token-weighted micro-batch losses, one optimizer step.
-``run_case`` is one rank's whole job (train, checkpoint, save); the tests compare
-rank 0's result with the same loop run by one process on the same global batch.
+``train`` runs the real training loop (``Trainer(..., strategy=...).fit()``) and also
+returns what the tests compare: the per-step global losses it logged, the local target
+counts of each rank, the prepared model's logits before any step, and its checkpoints.
+``run_case`` is one rank's whole job (train, gathered adapter save, internals); the tests
+compare rank 0's result with the same Trainer run by one process on the same global
+batch (batch x accumulation x processes).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ from _train_data import ToyCls, ToyLM
 
 from tunekit.adapters import BottleneckConfig, LoRAConfig, PrefixConfig, inject_adapters
 from tunekit.distributed import DistributedOptions, make_strategy
-from tunekit.distributed.data import finite_loss_batch, rank_windows
+from tunekit.train import TrainConfig, Trainer
 from tunekit.train.loss import target_count
 
 ADAPTERS = {
@@ -66,70 +68,55 @@ def build_model(kind: str, *, base_dir: str | None = None, adapter_seed: int = 0
 
 def toy_data(kind: str, rows: int = 22):
     """Rows of varied length and prompt masking: ranks get uneven numbers of targets."""
-    return ToyCls(n=rows, n_eval=0) if kind == "head" else ToyLM(n=rows, n_eval=0, max_len=10)
+    # The classifier evaluates (its new head lives in FSDP's root unit, left gathered by an eval forward).
+    return ToyCls(n=rows, n_eval=5) if kind == "head" else ToyLM(n=rows, n_eval=0, max_len=10)
 
 
-def train(strategy, model, data, *, steps: int, batch_size: int, accum: int, lr: float = 1e-2,
-          max_grad_norm: float | None = 1.0, resume_from: str | None = None) -> dict:
-    """The trainer's step loop on ``strategy``; returns per-step global losses, grad norms and local target counts.
+def train_config(steps: int, batch_size: int, accum: int, *, resume: str = "never", save_every: int | None = None,
+                 gradient_checkpointing: bool = False, lr: float = 1e-2) -> TrainConfig:
+    """A constant-lr AdamW run logging every step (a run stopped early and resumed matches an uninterrupted one)."""
+    return TrainConfig(max_steps=steps, batch_size=batch_size, grad_accum_steps=accum, lr=lr, scheduler="constant",
+                       log_every=1, save_every=save_every or steps, keep_last=None, resume=resume,
+                       gradient_checkpointing=gradient_checkpointing)
 
-    ``resume_from``: a sharded checkpoint folder; training goes on from its data position.
-    Also returns ``probe_logits``: the prepared model's logits on the first two rows, before any step.
-    """
-    from tunekit.distributed.checkpoint import load_sharded_checkpoint
-    from tunekit.distributed.data import resume_step
 
-    model, optimizer = strategy.prepare(
-        model, lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.05 * s)
+def strategy_for(cfg: TrainConfig, strategy: str = "none", **distributed):
+    """The strategy ``strategy`` built as ``finetune`` builds it, from a distributed section and ``cfg``."""
+    section = SimpleNamespace(strategy=strategy, **distributed)
+    return make_strategy(DistributedOptions.from_configs(section, cfg))
+
+
+def local_targets(trainer: Trainer, steps: int) -> list[int]:
+    """Targets this rank's micro-batches hold in each of the first ``steps`` steps."""
+    data = trainer.data
+    return [sum(target_count(data.collate([data.train[i] for i in m.rows]), data.task)
+                for m in window if not m.placeholder) for window in trainer.windows(0)[:steps]]
+
+
+def train(strategy, model, data, cfg: TrainConfig, out: str | Path) -> dict:
+    """``Trainer.fit`` on ``strategy``; returns the global per-step losses, grad norms, this rank's target counts,
+    the prepared model's logits on two rows before any step, and the last checkpoint."""
+    trainer = Trainer(model, data, cfg, out, strategy=strategy)
     with torch.no_grad():  # train mode: bitsandbytes' CPU 4-bit path stays on its exact fp32 dequantize
-        probe = model(**strategy.to_device(data.collate([data.train[0], data.train[1]]))).logits.cpu()
-    global_batch = batch_size * accum * strategy.dp_size
-    start = 0
-    if resume_from is not None:
-        progress = load_sharded_checkpoint(resume_from, strategy=strategy, scheduler=scheduler)
-        start = resume_step(progress["samples_in_epoch"], global_batch)
-    windows = rank_windows(data.train_order(0, 0), batch_size=batch_size, grad_accum_steps=accum,
-                           dp_size=strategy.dp_size, dp_rank=strategy.dp_rank, start_step=start)
-    out = {"losses": [], "grad_norms": [], "local_targets": []}
-    for window in windows[:steps]:
-        batches, counts = [], []
-        for micro in window:
-            batch = data.collate([data.train[i] for i in micro.rows])
-            n = 0 if micro.placeholder else target_count(batch, data.task)
-            batches.append(strategy.to_device(batch if n else finite_loss_batch(batch, data.task)))
-            counts.append(n)
-        total = strategy.all_reduce_sums({"targets": sum(counts)})["targets"]
-        loss_sum = 0.0
-        for i, (batch, n) in enumerate(zip(batches, counts)):
-            with strategy.sync_gradients(i == len(batches) - 1), strategy.autocast():
-                loss = model(**batch).loss
-            strategy.backward(loss, n / total)
-            loss_sum += float(loss.detach()) * n
-        outcome = strategy.optimizer_step(max_grad_norm)
-        if outcome.stepped:
-            scheduler.step()
-        strategy.zero_grad()
-        sums = strategy.all_reduce_sums({"loss_sum": loss_sum, "targets": sum(counts)})
-        out["losses"].append(sums["loss_sum"] / sums["targets"])
-        out["grad_norms"].append(outcome.grad_norm)
-        out["local_targets"].append(sum(counts))
-    out["scheduler"] = scheduler
-    out["probe_logits"] = probe
-    out["samples_in_epoch"] = (start + len(out["losses"])) * global_batch
-    return out
+        batch = strategy.to_device(data.collate([data.train[0], data.train[1]]))
+        probe = trainer.wrapped(**batch).logits.cpu()
+    result = trainer.fit()
+    steps = [h for h in result.history if h["split"] == "train"]
+    return {"losses": [h["loss"] for h in steps], "grad_norms": [h["grad_norm"] for h in steps],
+            "local_targets": local_targets(trainer, cfg.max_steps), "probe_logits": probe,
+            "checkpoint": str(result.checkpoint_dir)}
 
 
 def single_process(kind: str, *, steps: int, batch_size: int, accum: int = 1, base_dir: str | None = None,
-                   rows: int = 22, **train_kw) -> tuple[Any, dict]:
+                   rows: int = 22, out: str | Path, save_every: int | None = None) -> tuple[Any, dict]:
     """The reference: one process on the same global batch; returns (strategy, results).
 
     N ranks of batch B x accum A run the forwards one process runs with batch B x accum N*A
     (the same rows in each forward, so even padding-dependent rounding agrees).
     """
-    strategy = make_strategy(DistributedOptions())
-    result = train(strategy, build_model(kind, base_dir=base_dir), toy_data(kind, rows), steps=steps,
-                   batch_size=batch_size, accum=accum, **train_kw)
+    cfg = train_config(steps, batch_size, accum, save_every=save_every)
+    strategy = strategy_for(cfg)
+    result = train(strategy, build_model(kind, base_dir=base_dir), toy_data(kind, rows), cfg, out)
     return strategy, result
 
 
@@ -150,31 +137,36 @@ def local_sizes(model) -> dict[str, tuple[int, tuple, str, bool]]:
 
 
 def run_case(case: dict) -> dict:
-    """One rank's job: train ``case["steps"]`` steps, save the adapter, write a checkpoint; rank 0's result returns."""
-    from tunekit.distributed.adapter_save import save_gathered_adapter
-    from tunekit.distributed.checkpoint import save_sharded_checkpoint
+    """One rank's job: train ``case["steps"]`` steps (checkpointing), save the adapter; rank 0's result returns.
 
-    options = DistributedOptions(strategy=case["strategy"], cpu_offload=case.get("cpu_offload", False),
-                                 micro_batch_size=case["batch_size"], deepspeed_config=case.get("ds_config"),
-                                 gradient_checkpointing=case.get("gradient_checkpointing", False),
-                                 reshard_after_forward=case.get("reshard_after_forward", True))
-    strategy = make_strategy(options)
+    ``case["resume_from"]``: a checkpoint to continue from; ``case["also_resume"]``: after the run, a
+    second Trainer on the same strategy kind resumes this checkpoint (written by another run) to the end.
+    """
+    from tunekit.distributed.adapter_save import save_gathered_adapter
+
+    cfg = train_config(case["steps"], case["batch_size"], case["accum"], resume=case.get("resume_from") or "never",
+                       save_every=case.get("save_every"), gradient_checkpointing=case.get("gradient_checkpointing", False))
+    distributed = {k: case[k] for k in ("cpu_offload", "reshard_after_forward", "deepspeed_config") if k in case}
+    strategy = strategy_for(cfg, case["strategy"], **distributed)
     out = Path(case["out"])
     model = build_model(case["kind"], base_dir=case.get("base_dir"))
-    result = train(strategy, model, toy_data(case["kind"], case.get("rows", 22)), steps=case["steps"],
-                   batch_size=case["batch_size"], accum=case["accum"], resume_from=case.get("resume_from"))
+    result = train(strategy, model, toy_data(case["kind"], case.get("rows", 22)), cfg, out / "run")
     before = _ds_gather_bytes()
     save = save_gathered_adapter(strategy, out / "adapter")
     result["gathered_bytes"] = save.gathered_bytes
     result["adapter_bytes"] = save.adapter_bytes
     result["ds_logged_gather_bytes"] = _ds_gather_bytes() - before
-    result["checkpoint"] = str(save_sharded_checkpoint(
-        out / "checkpoints", case["steps"], strategy=strategy, scheduler=result.pop("scheduler"),
-        progress={"samples_in_epoch": result.pop("samples_in_epoch")}, config={}, keep_last=None))
     result["targets"] = gather_objects(result.pop("local_targets"))
     if case["strategy"] == "fsdp":
         result["local_sizes"] = gather_objects(local_sizes(strategy.model))
     result["refused"] = _save_of_shards_is_refused(strategy, out / "refused")
+    if case.get("also_resume"):
+        again = strategy_for(cfg, case["strategy"], **distributed)
+        cfg = cfg.model_copy(update={"resume": case["also_resume"]})
+        resumed = train(again, build_model(case["kind"]), toy_data(case["kind"], case.get("rows", 22)), cfg,
+                        out / "resumed")
+        save_gathered_adapter(again, out / "resumed-adapter")
+        result["resumed_losses"] = resumed["losses"]
     strategy.close()
     return result
 
@@ -231,16 +223,15 @@ def fail_on_rank_one() -> None:
     dist.barrier()  # rank 0 waits here for a rank that is gone: "connection closed", a consequence
 
 
-def train_then(fate: str, timeout_s: float = 300.0) -> None:
+def train_then(fate: str, out: str, timeout_s: float = 300.0) -> None:
     """One FSDP step on 2 ranks, then rank 1 is SIGKILLed ("kill") or hangs ("hang") while rank 0 trains on."""
     import os
     import signal
     import time
 
-    strategy = make_strategy(DistributedOptions(strategy="fsdp", timeout_s=timeout_s))
-    model = build_model("lora")
-    data = toy_data("lora")
-    train(strategy, model, data, steps=1, batch_size=2, accum=1)
+    cfg = train_config(1, 2, 1)
+    strategy = strategy_for(cfg, "fsdp", timeout_s=timeout_s)
+    train(strategy, build_model("lora"), toy_data("lora"), cfg, out)
     if strategy.runtime.rank == 1:
         if fate == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -66,7 +66,11 @@ def test_options_validate_and_map_from_config_sections():
     (DistributedOptions(strategy="fsdp"), {"nproc": 2, "quantization": "8bit"}, "only 4-bit bases"),
     (DistributedOptions(strategy="fsdp", mixed_precision="fp16"), {"nproc": 2}, "use bf16"),
     (DistributedOptions(strategy="ddp", deepspeed_config="ds.json"), {"nproc": 2}, "is for strategy deepspeed"),
-    (DistributedOptions(cpu_offload=True), {"nproc": 1}, "need a sharded strategy"),
+    (DistributedOptions(cpu_offload=True), {"nproc": 1}, "cpu_offload needs a sharded strategy"),
+    (DistributedOptions(strategy="ddp", cpu_offload=True), {"nproc": 2}, "cpu_offload needs a sharded strategy"),
+    (DistributedOptions(strategy="deepspeed", reshard_after_forward=False), {"nproc": 2}, "is for strategy fsdp"),
+    (DistributedOptions(strategy="ddp"), {"nproc": 1}, "replicates the model over processes but this run has 1"),
+    (DistributedOptions(strategy="ddp"), {"nproc": 2, "fused_cross_entropy": True}, "fused_cross_entropy=true is not"),
 ])
 def test_refusals_before_any_process_starts(options, kwargs, message):
     with pytest.raises(ValueError, match=message) as info:

@@ -31,7 +31,8 @@ def qlora_base(tmp_path_factory):
 
 
 def _run(kind: str, tmp_path, base_dir: str | None = None):
-    strategy, reference = single_process(kind, steps=STEPS, batch_size=BATCH, accum=ACCUM * 2, base_dir=base_dir)
+    strategy, reference = single_process(kind, steps=STEPS, batch_size=BATCH, accum=ACCUM * 2, base_dir=base_dir,
+                                         out=tmp_path / "one")
     save_adapters(strategy.model, tmp_path / "reference")
     case = {"strategy": "fsdp", "kind": kind, "steps": STEPS, "batch_size": BATCH, "accum": ACCUM,
             "out": str(tmp_path / "run"), "base_dir": base_dir}

@@ -40,20 +40,20 @@ def test_strategy_none_under_a_launcher_is_refused_on_every_rank():
 
 
 @pytest.mark.slow
-def test_sigkill_of_one_rank_ends_the_job_within_a_minute_naming_it():
+def test_sigkill_of_one_rank_ends_the_job_within_a_minute_naming_it(tmp_path):
     start = time.monotonic()
     with pytest.raises(tunekit.DistributedError) as info:
-        tunekit.launch(train_then, "kill", nproc=2, echo=False)
+        tunekit.launch(train_then, "kill", str(tmp_path), nproc=2, echo=False)
     assert time.monotonic() - start < 60
     assert info.value.rank == 1
     assert "SIGKILL" in info.value.message or "died without an error of its own" in info.value.message
 
 
 @pytest.mark.slow
-def test_hanging_rank_ends_the_job_after_the_process_group_timeout():
+def test_hanging_rank_ends_the_job_after_the_process_group_timeout(tmp_path):
     start = time.monotonic()
     with pytest.raises(tunekit.DistributedError) as info:
-        tunekit.launch(train_then, "hang", 3.0, nproc=2, echo=False)
+        tunekit.launch(train_then, "hang", str(tmp_path), 3.0, nproc=2, echo=False)
     assert time.monotonic() - start < 3.0 + 30  # the timeout, the launcher's SIGTERM grace, start-up
     assert info.value.rank == 1 and "hung" in info.value.message
 

@@ -51,7 +51,8 @@ def test_from_config_base_is_saved_so_the_adapter_reloads(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "env", "needle"), [
-    ("distributed.strategy=fsdp", {}, "distributed.strategy='fsdp'"),
+    # a sharding strategy on one process
+    ("distributed.strategy=fsdp", {}, "distributed.strategy=fsdp shards the model over processes but this run has 1"),
     ("hub.push=true", {}, "hub.push=true"),
     # an external launcher's processes would each train the same rows into the same folder
     ("train.lr=0.01", {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, "distributed.strategy: none"),
@@ -86,6 +87,8 @@ def test_qlora_run_with_checkpointing_then_unquantized_merge(tmp_path, capsys):
     assert type(reloaded.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     capsys.readouterr()
     assert main(["merge", str(result.adapter_dir), "--out", str(tmp_path / "merged")]) == 0
+    # merged into the dequantized 4-bit weights it trained against, not streamed from the fp32 files
+    assert "loaded whole: the adapter was trained on a quantized base" in capsys.readouterr().out
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert type(merged.model.layers[0].self_attn.q_proj).__name__ == "Linear"
     assert merged.dtype == torch.float32

@@ -42,14 +42,14 @@ FAILURES = [
     (["model.tokenizer=/no/such/tokenizer"], False, "model.tokenizer"),
     (["train.lr=0.5"], False, "train.lr: 0.01 -> 0.5"),
     (["train.resume=never"], False, "train.overwrite_checkpoints=true"),
-    ([], True, "is damaged (trainable.safetensors"),
+    ([], True, "is damaged (state/__0_0.distcp"),
 ]
 
 
 @pytest.mark.parametrize(("overrides", "damage", "needle"), FAILURES, ids=[f[2] for f in FAILURES])
 def test_a_failed_finetune_leaves_the_run_folder_as_it_was(finished, capsys, overrides, damage, needle):
     path, out = finished
-    weights = out / "checkpoints" / "step-2" / "trainable.safetensors"
+    weights = out / "checkpoints" / "step-2" / "state" / "__0_0.distcp"
     intact = weights.read_bytes()
     if damage:
         weights.write_bytes(intact[: len(intact) // 2])
@@ -63,7 +63,7 @@ def test_a_failed_finetune_leaves_the_run_folder_as_it_was(finished, capsys, ove
     assert len(errors) == 1 and needle in errors[0], errors
     after = snapshot(out)
     if damage:
-        after["checkpoints/step-2/trainable.safetensors"] = intact[: len(intact) // 2]
+        after["checkpoints/step-2/state/__0_0.distcp"] = intact[: len(intact) // 2]
     assert after == before
 
 

@@ -19,7 +19,7 @@ from _tolerances import FP32_EXACT, FP32_MERGE_ROUNDTRIP
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
-NAMES = ["01_adapters_api.ipynb", "02_finetune_quickstart.ipynb"]
+NAMES = ["01_adapters_api.ipynb", "02_finetune_quickstart.ipynb", "05_multi_process.ipynb"]
 # A leading % or ! is IPython syntax that exec (and plain Python users) cannot run.
 MAGIC = re.compile(r"^\s*[%!]", re.MULTILINE)
 # A private name of ours: `from tunekit... import _x`, `tunekit.x._y`, `import tunekit._x`.
@@ -94,3 +94,43 @@ def test_finetune_notebook_runs_from_the_notebooks_folder(tmp_path, monkeypatch)
     assert ns["probs"].shape == (len(ns["texts"]), len(ns["labels"]))
     assert ns["pieces_after"]["accuracy"] > ns["pieces_before"]["accuracy"]
     assert ns["trained"].global_step == 4
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_multi_process_notebook_launches_two_processes_equal_to_one(tmp_path, monkeypatch):
+    from _tolerances import DIST_LOSS_REL
+
+    ns = _run("05_multi_process.ipynb", NOTEBOOKS, tmp_path, monkeypatch)
+    result, single = ns["result"], ns["single"]
+    assert result.output_dir.is_relative_to(tmp_path) and (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert len(result.train.peak_memory_mib_per_rank) == 2 and result.train.global_step == 4
+    assert result.metrics["loss"] < result.metrics_before["loss"]
+    assert len(ns["gaps"]) == 4 and max(ns["gaps"]) <= DIST_LOSS_REL  # 2 processes vs 1, same global batch
+    assert abs(result.metrics["loss"] - single.metrics["loss"]) <= DIST_LOSS_REL * single.metrics["loss"]
+    assert "missing.jsonl" in ns["failure"].message
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_multi_process_notebook_cell_raises_one_error_when_a_worker_dies(tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+
+    import tunekit
+    from tunekit.train.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def dies_on_rank_1(self, window):  # the forked workers inherit the patch
+        if os.environ.get("RANK") == "1" and self.scheduler.last_epoch == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_step(self, window)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_on_rank_1)
+    start = time.monotonic()
+    with pytest.raises(tunekit.DistributedError) as info:
+        _run("05_multi_process.ipynb", NOTEBOOKS, tmp_path, monkeypatch)
+    assert time.monotonic() - start < 60 + 30  # the job ends within a minute of the kill (plus start-up)
+    assert info.value.rank == 1 and ("SIGKILL" in info.value.message or "died" in info.value.message)

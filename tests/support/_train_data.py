@@ -26,7 +26,7 @@ class ToyBundle:
         self.train, self.eval = train, eval_rows
         self.label_names = None
 
-    def train_order(self, epoch: int, seed: int) -> list[int]:
+    def train_order(self, epoch: int, seed: int, step_rows: int | None = None) -> list[int]:
         g = torch.Generator().manual_seed(seed * 7919 + epoch)
         return torch.randperm(len(self.train), generator=g).tolist()
 

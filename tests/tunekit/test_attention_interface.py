@@ -164,3 +164,35 @@ def test_softcap_and_short_sliding_window_are_rejected():
         tunekit_attention_forward(module, q, q, q, None, softcap=30.0)
     with pytest.raises(ValueError, match="no sliding window"):
         tunekit_attention_forward(module, q, q, q, None, sliding_window=4)
+
+
+def _host_syncs(fn) -> int:
+    """``aten::_local_scalar_dense`` (a device sync on a GPU) and ``aten::nonzero`` calls made by ``fn()``."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(e.name in ("aten::_local_scalar_dense", "aten::nonzero") for e in prof.events())
+
+
+def test_collator_varlen_kwargs_leave_the_attention_without_host_syncs():
+    from tunekit.data.collate import varlen_kwargs
+
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 1, 2]])
+    kwargs = varlen_kwargs(position_ids)
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 4, 12, 18, 21, 24] and kwargs["max_length_q"] == 8
+    q = torch.randn(2, 4, 12, 8)
+    k = torch.randn(2, 2, 12, 8)
+    call = lambda: tunekit_attention_forward(torch.nn.Module(), q, k, k, None, position_ids=position_ids, **kwargs)  # noqa: E731
+    assert _host_syncs(call) == 0
+    assert _host_syncs(lambda: tunekit_attention_forward(torch.nn.Module(), q, k, k, None,
+                                                         position_ids=position_ids)) > 0  # rebuilt from positions
+    syncs = {}
+    for layers in (1, 3):
+        (model,) = _twins(tiny_llama, ["tunekit"], layers=layers)
+        inputs = {"input_ids": ids, "position_ids": position_ids, "use_cache": False}
+        with torch.no_grad():
+            syncs[layers] = _host_syncs(lambda: model(**inputs, **kwargs))  # noqa: B023
+            _assert_close(model(**inputs, **kwargs).logits, model(**inputs).logits, "varlen kwargs vs positions")
+    assert syncs[1] == syncs[3]  # none per layer (transformers' own packed-sequence check stays, once)

@@ -105,7 +105,9 @@ def test_quick_benchmark_every_contender_same_examples_and_report(tmp_path):
         assert row["eval_loss"] < result["base_eval_loss"], name  # every contender trained
         assert set(row["vs"]) == set(bench.contenders.PEERS)
     assert summary["peft+trainer"]["vs"]["peft+trainer"] == 1.0
-    packed = [n for n in summary if "packing" in n]
+    packed = [n for n in summary if "packing" in n or n == "tunekit:defaults"]
     assert all(summary[n]["padding_pct"] == 0.0 for n in packed)
+    # the defaults are packing + the varlen attention (exact: the same training as setting both)
+    assert summary["tunekit:defaults"]["eval_loss"] == summary["tunekit:packing+tunekit_attn"]["eval_loss"]
     table = result["markdown"]
     assert all(f"| {name} |" in table for name in summary) and "same examples in every run: yes" in table

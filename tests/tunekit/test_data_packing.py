@@ -4,12 +4,14 @@ The oracle is transformers' own Llama (sdpa and eager attention) run on each exa
 alone: a packed forward must give the same logits per example and the same mean loss.
 """
 
+import random
+
 import pytest
 import torch
 from _tiny import tiny_llama, tiny_tokenizer, write_rows
 from _tolerances import FP32_EXACT, max_abs_diff
 
-from tunekit.data import DataConfig, build_dataset, pack_groups
+from tunekit.data import DataConfig, build_dataset, pack_groups, train_order
 
 IGN = -100
 ROWS = [{"instruction": "say hi", "output": "hi there"}, {"instruction": "add 1 2", "output": "3"},
@@ -99,3 +101,34 @@ def test_use_cache_breaks_packing_so_forward_kwargs_disable_it(tmp_path):
     assert packed.forward_kwargs == {"use_cache": False}
     assert max_abs_diff(isolated, alone) < FP32_EXACT
     assert max_abs_diff(leaky, alone) > 1e-2
+
+
+def _batches(order, size):
+    return [order[i: i + size] for i in range(0, len(order), size)]
+
+
+def _straddling(order, lengths, size):
+    """Batches whose lengths rise somewhere: they hold rows of two length-sorted groups."""
+    return sum(any(lengths[b[i + 1]] > lengths[b[i]] for i in range(len(b) - 1)) for b in _batches(order, size))
+
+
+def _padding(order, lengths, size):
+    slots = sum(len(b) * max(lengths[i] for i in b) for b in _batches(order, size))
+    return 1 - sum(lengths) / slots
+
+
+def test_length_groups_align_to_the_step_so_no_batch_straddles_two_groups():
+    lengths = random.Random(0).sample(range(8, 2000), 1000)  # distinct: a group boundary always rises
+    unaligned = train_order(lengths, 0, 0, group_size=256)
+    aligned = train_order(lengths, 0, 0, group_size=256, step_rows=10)
+    assert sorted(aligned) == list(range(1000))
+    assert _straddling(unaligned, lengths, 10) > 0 and _straddling(aligned, lengths, 10) == 0
+    assert _padding(aligned, lengths, 10) < _padding(unaligned, lengths, 10)
+
+
+def test_a_short_last_group_stays_last_and_the_longest_row_still_leads():
+    for seed in range(60):  # in about one seed of five the longest row falls in the short group
+        lengths = random.Random(seed).sample(range(8, 500), 25)  # groups of 10, 10 and a short one of 5
+        order = train_order(lengths, 0, seed, group_size=10, step_rows=5)
+        assert sorted(order) == list(range(25)) and lengths[order[0]] == max(lengths), seed
+        assert _straddling(order, lengths, 5) == 0, seed

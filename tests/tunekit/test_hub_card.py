@@ -91,9 +91,9 @@ def _spec(**kw) -> CardSpec:
     ({"method": "bottleneck"}, {}, "adapter"),
 ])
 def test_the_method_tag_is_the_hub_name_of_the_method(adapter, model, tag):
-    from tunekit.hub.plan import _method_tag
+    from tunekit.hub.card import method_tag
 
-    assert _method_tag(adapter, model) == tag
+    assert method_tag(adapter, model) == tag
 
 
 @pytest.mark.parametrize("task, pipeline", [("causal_lm", "text-generation"), ("seq_cls", "text-classification"),

@@ -14,10 +14,9 @@ import torch
 from _tiny import tiny_llama
 from _train_data import ToyLM
 from _trainer_runs import CFG, LORA, assert_same_weights, learner, lora_model, lora_trainer, run, trainable
-from safetensors.torch import load_file
-
 import tunekit.train.checkpoint as ckpt
 from tunekit.adapters import LoRAConfig, inject_adapters, load_adapters
+from tunekit.distributed import DistributedOptions, make_strategy
 from tunekit.train import StopOnSignal, TrainConfig, Trainer, build_optimizer, build_scheduler, list_checkpoints
 from tunekit.train.trainer import READY_MESSAGE
 
@@ -30,13 +29,16 @@ def test_checkpoint_contents_and_keep_last(tmp_path):
     assert [p.name for p in kept] == ["step-5", "step-6"]
     last = kept[-1]
     assert {p.name for p in last.iterdir()} == {
-        "adapter", "trainable.safetensors", "optimizer.pt", "trainer_state.pt", "progress.json", "config.json"}
+        "adapter", "state", "rng-rank0.pt", "trainer_state.pt", "progress.json", "config.json"}
     progress = json.loads((last / "progress.json").read_text(encoding="utf-8"))
     # 2 steps per epoch: step 6 is the last of epoch 2 (0-based); resume moves on to epoch 3.
     assert (progress["global_step"], progress["epoch"], progress["step_in_epoch"]) == (6, 2, 2)
+    assert progress["samples_in_epoch"] == 10  # all 10 rows (3 x 2 rows per step, the last step short)
     assert len(progress["run_id"]) >= 8 and ckpt.run_id_of(kept[0]) == progress["run_id"]  # one run
     assert json.loads((last / "config.json").read_text(encoding="utf-8"))["train"]["keep_last"] == 2
-    assert load_file(str(last / "trainable.safetensors")).keys() == trainable(model).keys()
+    saved = ckpt.read_trainable(last)
+    assert saved.keys() == trainable(model).keys()  # trainable tensors only: no frozen base weight
+    assert all(torch.equal(saved[n], p) for n, p in trainable(model).items())
     # The adapter folder is a normal save_adapters() output: it loads back into a fresh model.
     torch.manual_seed(0)
     fresh = tiny_llama()  # the same base weights as run()'s
@@ -64,11 +66,11 @@ def test_failed_save_leaves_no_checkpoint_and_resume_uses_the_previous(tmp_path,
 
 
 def test_keep_last_prunes_only_the_runs_own_checkpoints(tmp_path):
-    model = lora_model()
-    optimizer = build_optimizer(model, TrainConfig())
+    strategy = make_strategy(DistributedOptions())
+    _, optimizer = strategy.prepare(lora_model(), lambda m: build_optimizer(m, TrainConfig()))
     scheduler = build_scheduler(optimizer, TrainConfig(), 10)
     for step, run_id in [(1, "a"), (2, "a"), (3, "b"), (4, "b"), (5, "b")]:
-        ckpt.save_checkpoint(tmp_path, step, model=model, optimizer=optimizer, scheduler=scheduler,
+        ckpt.save_checkpoint(tmp_path, step, strategy=strategy, scheduler=scheduler,
                              progress={"run_id": run_id, "global_step": step}, config={}, keep_last=1)
     assert [(p.name, ckpt.run_id_of(p)) for p in list_checkpoints(tmp_path)] == [("step-2", "a"), ("step-5", "b")]
 
@@ -81,7 +83,7 @@ def checkpointed_run(tmp_path_factory):
     return out, trainable(model)
 
 
-@pytest.mark.parametrize("damaged", ["trainable.safetensors", "optimizer.pt", "progress.json"])
+@pytest.mark.parametrize("damaged", ["state/__0_0.distcp", "state/.metadata", "rng-rank0.pt", "progress.json"])
 def test_a_damaged_checkpoint_is_refused_naming_the_previous_complete_one(tmp_path, checkpointed_run, damaged):
     source, final_weights = checkpointed_run
     shutil.copytree(source, tmp_path, dirs_exist_ok=True)
@@ -113,7 +115,7 @@ def test_early_stopping_last_checkpoint_holds_the_restored_best_weights(tmp_path
     Trainer(one_step, data, cfg.model_copy(update={"max_steps": 1}), tmp_path / "one").fit()
     last = list_checkpoints(tmp_path / "checkpoints")[-1]
     assert last.name == "step-3" and result.checkpoint_dir == last
-    assert_same_weights(load_file(str(last / "trainable.safetensors")), trainable(one_step), tol=0.0)
+    assert_same_weights(ckpt.read_trainable(last), trainable(one_step), tol=0.0)
     # Resuming the finished run keeps those weights and reports the best evaluation.
     torch.manual_seed(0)
     again_model, data = learner()

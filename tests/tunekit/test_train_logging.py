@@ -11,7 +11,7 @@ from _train_data import ToyLM
 
 from tunekit.adapters import LoRAConfig, inject_adapters
 from tunekit.train import TrainConfig, Trainer
-from tunekit.train.logging import RunLogger
+from tunekit.train.logging import EvalProgress, RunLogger
 
 
 class FakeTTY(io.StringIO):
@@ -29,7 +29,11 @@ def test_metrics_jsonl_tensorboard_and_line_logs(tmp_path, capsys):
     train, ev = records[0], records[1]
     assert {"epoch", "loss", "grad_norm", "lr", "tokens_per_s"} <= train.keys()
     assert {"loss", "perplexity"} <= ev.keys() and ev["perplexity"] == math.exp(ev["loss"])
-    assert records == result.history and result.metrics_file == tmp_path / "metrics.jsonl"
+    # each line also has its wall-clock time (unix seconds) and the seconds since the run started
+    untimed = [{k: v for k, v in r.items() if k not in ("wall_time", "elapsed_s")} for r in records]
+    assert untimed == result.history and result.metrics_file == tmp_path / "metrics.jsonl"
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and all(abs(r["wall_time"] - records[0]["wall_time"]) < 600 for r in records)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -105,3 +109,20 @@ def test_tokens_per_second_counts_training_steps_only(tmp_path, monkeypatch):
     assert result.train_seconds == 4.0 and result.tokens_per_second == pytest.approx(tokens / 4.0)
     logged = [r["tokens_per_s"] for r in result.history if r["split"] == "train"]
     assert logged[-1] == pytest.approx(tokens / 4.0) and now[0] > 400
+
+
+def test_eval_progress_lines_only_for_long_evaluations(monkeypatch):
+    ticks = iter([0.0, 3.0, 12.0, 13.0, 25.0, 25.0, 0.0, 1.0, 2.0])
+    stream = io.StringIO()
+    monkeypatch.setattr(EvalProgress, "clock", staticmethod(lambda: next(ticks)))
+    progress = EvalProgress(100, stream=stream)  # t=0
+    progress.update(20)                          # t=3: too early for a line
+    progress.update(40)                          # t=12
+    progress.update(60)                          # t=13: within 10 s of the last line
+    progress.close()                             # t=25 (checked), t=25 (shown)
+    assert stream.getvalue().splitlines() == ["eval 40/100 rows (40%), 12 s", "eval 100/100 rows in 25 s"]
+    quiet = io.StringIO()
+    short = EvalProgress(10, stream=quiet)
+    short.update(5)
+    short.close()
+    assert quiet.getvalue() == ""

@@ -208,7 +208,7 @@ def test_fused_evaluation_matches_the_reference_loss_without_full_vocabulary_log
     head_positions = []
     model.lm_head.register_forward_hook(lambda _m, _i, out: head_positions.append(out.shape[1]))
     metrics = Trainer(model, data, TrainConfig(eval_batch_size=3, fused_cross_entropy=True), tmp_path).evaluate()
-    assert head_positions and set(head_positions) == {1}  # the head never produced (B, T, V) logits
+    assert head_positions and set(head_positions) == {0}  # the head never produced (B, T, V) logits
     assert metrics["loss"] == pytest.approx(reference_lm_loss(model, data.eval), abs=1e-5)
 
 
@@ -217,8 +217,15 @@ def test_a_multi_process_launch_is_refused_without_a_strategy(tmp_path, monkeypa
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ValueError, match=r"distributed.strategy: none trains in one process.*WORLD_SIZE=2"):
         Trainer(lora_llama(), ToyLM(), TrainConfig(), tmp_path)
-    # A caller that wraps the model for its processes (a strategy) is not refused.
-    Trainer(lora_llama(), ToyLM(), TrainConfig(), tmp_path, wrap_model=lambda model: model)
+    # A caller that brings its own strategy decided how the processes share the work: not refused.
+    from tunekit.distributed import DistEnv, DistributedOptions, make_strategy, start_runtime
+
+    options = DistributedOptions()
+    Trainer(lora_llama(), ToyLM(), TrainConfig(), tmp_path,
+            strategy=make_strategy(options, start_runtime(options, DistEnv())))
+    # The strategy replaced the old wrap_model hook; passing it says so.
+    with pytest.raises(TypeError, match=r"wrap_model=\.\.\.\) is gone: pass strategy="):
+        Trainer(lora_llama(), ToyLM(), TrainConfig(), tmp_path, wrap_model=lambda model: model)
 
 
 def test_real_data_bundle_packed_step_equals_unpacked_step(tmp_path):

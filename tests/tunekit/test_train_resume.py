@@ -6,12 +6,14 @@ real with train.resume_with_changes.
 """
 
 import pytest
+import torch
+from _tiny import tiny_llama
 from _train_data import ToyLM
-from _trainer_runs import assert_same_weights, lora_trainer, run, snapshot, trainable
-from safetensors.torch import load_file
+from _trainer_runs import CFG, LORA, assert_same_weights, lora_trainer, run, snapshot, trainable
 
-from tunekit.train import list_checkpoints
-from tunekit.train.checkpoint import run_id_of
+from tunekit.adapters import LoRAConfig, inject_adapters
+from tunekit.train import TrainConfig, Trainer, list_checkpoints
+from tunekit.train.checkpoint import read_trainable, run_id_of
 
 # A schedule whose first steps do not depend on the run's length: warmup 0 -> 0.5 -> 1, then constant.
 CONSTANT = dict(scheduler="constant", warmup_steps=2)
@@ -89,7 +91,7 @@ def test_resume_with_changes_applies_a_new_lr_for_real(tmp_path, capsys):
     sgd = dict(optimizer="sgd", scheduler="constant", warmup_steps=0, max_grad_norm=None, lr=0.5, keep_last=None)
     data = ToyLM(n=10)
     run(tmp_path / "a", data, **sgd, max_steps=3, save_every=3)
-    w3 = load_file(str(tmp_path / "a" / "checkpoints" / "step-3" / "trainable.safetensors"))
+    w3 = read_trainable(tmp_path / "a" / "checkpoints" / "step-3")
     step_3 = str(tmp_path / "a" / "checkpoints" / "step-3")
     same, _ = run(tmp_path / "same", data, **sgd, max_steps=4, resume=step_3)
     capsys.readouterr()
@@ -108,3 +110,53 @@ def test_a_changed_optimizer_is_refused_even_with_resume_with_changes(tmp_path):
     run(tmp_path, save_every=6)
     with pytest.raises(ValueError, match=r"train.optimizer: 'adamw' -> 'sgd'; the saved optimizer state"):
         lora_trainer(tmp_path, optimizer="sgd", resume_with_changes=True)
+
+
+def test_a_changed_adapter_shape_is_refused_at_start_even_with_resume_with_changes(tmp_path):
+    # issue 15: a new adapter.rank used to end in a raw tensor-size error mid-load.
+    run_config = {**RUN_CONFIG, "adapter": {"method": "lora", "rank": 4}}
+    run(tmp_path, save_every=6, run_config=run_config)
+    before = snapshot(tmp_path)
+    torch.manual_seed(0)
+    wider = tiny_llama()
+    inject_adapters(wider, LoRAConfig(**{**LORA, "rank": 8}))
+    with pytest.raises(ValueError) as info:
+        Trainer(wider, ToyLM(n=10), TrainConfig(**CFG, resume_with_changes=True), tmp_path,
+                run_config={**RUN_CONFIG, "adapter": {"method": "lora", "rank": 8}})
+    message = str(info.value)
+    assert "\n" not in message and f"resuming from {tmp_path / 'checkpoints' / 'step-6'} refused" in message
+    assert "adapter.rank: 4 -> 8" in message and "has shape (4, 32) there and (8, 32) in this model" in message
+    assert snapshot(tmp_path) == before
+
+
+def test_another_split_of_the_same_global_batch_is_allowed_and_named(tmp_path, capsys):
+    # batch 3 x accumulation 2 and batch 6 x 1 read the same 6 rows per step (with several processes,
+    # they multiply in): resuming with the other split is allowed, named, and without dropout ends where
+    # the uninterrupted run ends, up to the rounding of another summation order.
+    def fit(out, **cfg):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        inject_adapters(model, LoRAConfig(**{**LORA, "dropout": 0.0}))
+        Trainer(model, ToyLM(n=10), TrainConfig(**{**CFG, **CONSTANT, **cfg}), out).fit()
+        return trainable(model)
+
+    full = fit(tmp_path / "full")
+    fit(tmp_path / "cut", max_steps=3, save_every=3)
+    capsys.readouterr()
+    resumed = fit(tmp_path / "cut", batch_size=6, grad_accum_steps=1)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("resuming from"))
+    assert "the same global batch of 6 rows split another way" in line
+    assert line.endswith("train.batch_size: 3 -> 6, train.grad_accum_steps: 2 -> 1")
+    assert_same_weights(full, resumed, tol=1e-6)
+
+
+def test_a_checkpoint_of_an_earlier_tunekit_is_refused_in_one_line(tmp_path):
+    old = tmp_path / "checkpoints" / "step-2"
+    old.mkdir(parents=True)
+    (old / "trainable.safetensors").write_bytes(b"")
+    (old / "progress.json").write_text('{"run_id": "x", "global_step": 2}', encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        lora_trainer(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and "written by an earlier tunekit version (trainable.safetensors)" in message
+    assert "train.resume=never" in message

@@ -3,7 +3,11 @@
 Pipeline::
 
     read rows (files / datasets)  ->  [eval_fraction split]  ->  encode per format
-        -> count bad rows by reason  ->  [pack]  ->  TokenizedRows + Collator + DataStats
+        -> count bad rows by reason  ->  [pack train rows]  ->  TokenizedRows + Collator + DataStats
+
+Encoding goes through a content-keyed cache (``tunekit.data.cache``): a batched,
+multi-process ``datasets.map`` on a miss, the stored arrays on a hit (a rerun, a
+resume, every rank of a multi-process run).
 
 Bad rows (missing field, empty text, unknown label, invalid JSON line, ...) are
 counted and skipped, never fatal; a source that yields no usable row at all is an
@@ -17,13 +21,15 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tunekit.data.chat import SkipRow
+from pathlib import Path
+
+from tunekit.data.cache import EncodedSplit, default_cache_dir, encode_cached, encode_rowwise
 from tunekit.data.collate import Collator
 from tunekit.data.config import DataConfig
-from tunekit.data.formats import IGNORE_INDEX, Encoder, Example
+from tunekit.data.formats import IGNORE_INDEX, Encoder
 from tunekit.data.packing import pack_examples, train_order
 from tunekit.data.rows import TokenizedRows
-from tunekit.data.sources import BadRow, Row, has_eval_source, read_rows, source_name, split_eval
+from tunekit.data.sources import Row, has_eval_source, read_rows, source_name, split_eval
 
 logger = logging.getLogger("tunekit.data")
 
@@ -96,10 +102,11 @@ class DataBundle:
     """Extra keyword arguments for every training / eval forward. ``use_cache=False`` is required
     for packed rows: with a cache, transformers skips the packed-sequence mask."""
 
-    def train_order(self, epoch: int, seed: int) -> list[int]:
+    def train_order(self, epoch: int, seed: int, step_rows: int | None = None) -> list[int]:
         """Indices into ``train`` for one epoch: deterministic per ``(epoch, seed)``, shuffled, or
-        length-grouped when ``group_by_length``. Slice batches from it; resume by skipping."""
-        return train_order(self.train.lengths(), epoch, seed, group_size=self.group_size)
+        length-grouped when ``group_by_length`` (groups cut to a multiple of ``step_rows``, the rows
+        of one optimizer step, when given). Slice batches from it; resume by skipping."""
+        return train_order(self.train.lengths(), epoch, seed, group_size=self.group_size, step_rows=step_rows)
 
 
 def _sort_labels(labels: set[str]) -> list[str]:
@@ -124,53 +131,61 @@ def label_names_for(cfg: DataConfig) -> list[str] | None:
     ``cfg.labels`` when set, else the sorted distinct labels of the training source
     (read without a tokenizer). ``build_dataset`` gives the same list.
     """
-    if cfg.format != "classification":
+    if cfg.task != "seq_cls":
         return None
+    if cfg.sources is not None:
+        from tunekit.data.mixing import source_labels
+
+        return source_labels(cfg)
     return cfg.labels or _infer_labels(cfg, list(read_rows(cfg, "train")))
 
 
-def _encode_rows(rows, encoder: Encoder, stats: SplitStats) -> list[Example]:
-    examples = []
-    for row in rows:
-        stats.rows_read += 1
-        if isinstance(row, BadRow):
-            stats.bad_rows[row.reason] += 1
-            continue
-        try:
-            examples.append(encoder(row))
-        except SkipRow as skip:
-            stats.bad_rows[skip.args[0]] += 1
-    return examples
+# Fields that choose which rows are read (the rows themselves are hashed) or what happens after
+# encoding: not part of the cache key, so moving a file or turning packing on reuses the encoding.
+_NOT_ENCODING = {"dataset", "dataset_config", "split", "eval_split", "train_files", "eval_files", "file_format",
+                 "eval_fraction", "eval_seed", "streaming", "max_rows", "packing", "group_by_length",
+                 "length_group_size"}
 
 
-def _store(examples: list[Example], cfg: DataConfig, stats: SplitStats) -> TokenizedRows:
-    """Fill the stats from the examples and store them (packed when configured)."""
-    stats.rows_used = len(examples)
-    stats.truncated = sum(ex.truncated for ex in examples)
-    stats.tokens = sum(len(ex.input_ids) for ex in examples)
-    if cfg.task == "causal_lm":
-        stats.loss_tokens = sum(sum(label != IGNORE_INDEX for label in ex.labels[1:]) for ex in examples)
-    elif cfg.task == "seq2seq":
-        stats.loss_tokens = sum(len(ex.labels) for ex in examples)
-    if cfg.packing:
-        rows = pack_examples(examples, cfg.max_seq_len)
-        stats.packed_rows = len(rows)
-        return rows
+def _encode(rows, cfg: DataConfig, encoder: Encoder, cache: Path | None, num_proc: int | None) -> EncodedSplit:
     scalar = cfg.task == "seq_cls"
-    rows = TokenizedRows(("input_ids",) if scalar else ("input_ids", "labels"), ("labels",) if scalar else ())
-    for ex in examples:
-        rows.append(input_ids=ex.input_ids, labels=ex.labels)
+    if cache is None:
+        return encode_rowwise(rows, encoder, scalar_labels=scalar)
+    settings = {"data": cfg.model_dump(mode="json", exclude=_NOT_ENCODING), "label2id": encoder.label2id}
+    encoded, hit = encode_cached(rows, encoder, scalar_labels=scalar, settings=settings, tokenizer=encoder.tok,
+                                 cache_dir=cache, num_proc=num_proc)
+    logger.info("data: %s %d rows (%s)", "read the encoding of" if hit else "encoded", encoded.rows_read, cache)
+    return encoded
+
+
+def _store(encoded: EncodedSplit, cfg: DataConfig, stats: SplitStats, *, pack: bool) -> TokenizedRows:
+    """Fill the stats from the examples and return them (packed when ``pack``)."""
+    examples = encoded.examples
+    stats.rows_used, stats.truncated = len(examples), encoded.truncated
+    stats.tokens = int(examples.arrays("input_ids")[1][-1])
+    if cfg.task == "causal_lm":  # label 0 of an example is never a target (the model shifts)
+        labels, offsets = examples.arrays("labels")
+        firsts = labels[offsets[:-1][offsets[:-1] < offsets[1:]]]
+        stats.loss_tokens = int((labels != IGNORE_INDEX).sum() - (firsts != IGNORE_INDEX).sum())
+    elif cfg.task == "seq2seq":
+        stats.loss_tokens = int(examples.arrays("labels")[1][-1])
+    if not pack:
+        return examples
+    rows = pack_examples(examples, cfg.max_seq_len)
+    stats.packed_rows = len(rows)
     return rows
 
 
-def _build_split(rows, which: str, cfg: DataConfig, encoder: Encoder) -> tuple[TokenizedRows, SplitStats]:
-    stats = SplitStats()
-    examples = _encode_rows(rows, encoder, stats)
-    if not examples:
+def _build_split(rows, which: str, cfg: DataConfig, encoder: Encoder, cache: Path | None,
+                 num_proc: int | None) -> tuple[TokenizedRows, SplitStats]:
+    encoded = _encode(rows, cfg, encoder, cache, num_proc)
+    stats = SplitStats(rows_read=encoded.rows_read, bad_rows=encoded.bad_rows)
+    if not len(encoded.examples):
         reasons = ", ".join(f"{r}: {n}" for r, n in stats.bad_rows.most_common(3)) or "no rows"
         raise ValueError(f"data: no usable rows in {source_name(cfg, which)} (format {cfg.format!r}; "
                          f"read {stats.rows_read} rows; {reasons}); check the data.*_field settings and the files")
-    return _store(examples, cfg, stats), stats
+    # Packing is for training throughput; evaluation rows stay whole (a metric_fn reads them per example).
+    return _store(encoded, cfg, stats, pack=bool(cfg.packing) and which == "train"), stats
 
 
 def _pad_id(tokenizer) -> int:
@@ -189,7 +204,8 @@ def collator_for(task: str, tokenizer) -> Collator:
     return Collator(_pad_id(tokenizer), task, side)
 
 
-def build_dataset(cfg: DataConfig, tokenizer, *, seed: int = 0) -> DataBundle:
+def build_dataset(cfg: DataConfig, tokenizer, *, seed: int = 0, cache: bool | str | Path = True,
+                  num_proc: int | None = None) -> DataBundle:
     """Read, format, tokenize (and pack) the data of ``cfg``.
 
     Args:
@@ -197,6 +213,11 @@ def build_dataset(cfg: DataConfig, tokenizer, *, seed: int = 0) -> DataBundle:
         tokenizer: a Hugging Face tokenizer (fast tokenizers for chat templates without
             ``{% generation %}`` tags).
         seed: run seed; seeds the ``eval_fraction`` split unless ``cfg.eval_seed`` is set.
+        cache: keep each split's encoding in the data cache and reuse it (``tunekit.data.cache``:
+            keyed by the rows, the settings and the tokenizer; safe when several processes build
+            the same data at once, one encodes while the others wait): True for the default folder,
+            a folder, or False to encode row by row in this process.
+        num_proc: processes that encode a cache miss (default: one per 4,096 rows, at most 8).
 
     Returns:
         A ``DataBundle``.
@@ -210,6 +231,10 @@ def build_dataset(cfg: DataConfig, tokenizer, *, seed: int = 0) -> DataBundle:
     ``tunekit.data``, not shown; ``finetune`` prints them.
     """
     _pad_id(tokenizer)  # fails before reading anything
+    if cfg.sources is not None:  # several sources, each with its own format and fields
+        from tunekit.data.mixing import build_mixed
+
+        return build_mixed(cfg, tokenizer, seed=seed)
     train_rows = read_rows(cfg, "train")
     eval_rows = read_rows(cfg, "eval") if has_eval_source(cfg) else None
     label_names = None
@@ -220,8 +245,10 @@ def build_dataset(cfg: DataConfig, tokenizer, *, seed: int = 0) -> DataBundle:
         split_seed = seed if cfg.eval_seed is None else cfg.eval_seed
         train_rows, eval_rows = split_eval(list(train_rows), cfg.eval_fraction, split_seed)
     encoder = Encoder(cfg, tokenizer, {name: i for i, name in enumerate(label_names or [])})
-    train, train_stats = _build_split(train_rows, "train", cfg, encoder)
-    evaluation, eval_stats = _build_split(eval_rows, "eval", cfg, encoder) if eval_rows is not None else (None, None)
+    folder = None if cache is False else default_cache_dir() if cache is True else Path(cache)
+    train, train_stats = _build_split(train_rows, "train", cfg, encoder, folder, num_proc)
+    evaluation, eval_stats = (_build_split(eval_rows, "eval", cfg, encoder, folder, num_proc)
+                              if eval_rows is not None else (None, None))
     stats = DataStats(train_stats, eval_stats)
     # Logged, not shown: the caller shows `stats.summary()` once (finetune prints it), skipped rows included.
     logger.info(stats.summary())

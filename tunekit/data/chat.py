@@ -22,14 +22,17 @@ Two ways to find which tokens the assistant wrote:
    to the generation prompt, tokenized the same way). Templates that render
    earlier turns differently once later turns exist (``before`` is not a prefix of
    the full text) cannot be split this way; such rows are counted as bad, and the
-   fix is to add generation tags to the template.
+   fix is to add generation tags to the template (tunekit's named templates,
+   ``tunekit.data.templates``, have them).
+
+``train_turns: last`` keeps the loss on the last reply only (LLaMA-Factory's
+``mask_history``): the last run of assistant tokens, since a user turn (masked)
+separates each reply from the one before.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 from tunekit.data.config import DataConfig
 
@@ -41,48 +44,14 @@ class SkipRow(Exception):
     """Raised by an encoder for a row it cannot use; ``args[0]`` is the reason it is counted under."""
 
 
-def resolve_template(cfg: DataConfig, tokenizer) -> str:
-    """The chat template to use: ``cfg.chat_template`` (text or a ``.jinja`` path), else the tokenizer's.
-
-    Raises:
-        ValueError: neither the config nor the tokenizer has one.
-    """
-    template = cfg.chat_template
-    if template is not None and template.endswith(".jinja"):
-        path = Path(template).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"data.chat_template: file not found: {template!r}")
-        template = path.read_text(encoding="utf-8")
-    template = template or getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise ValueError("data.format 'chat' needs a chat template: the tokenizer has none; "
-                         "set data.chat_template (Jinja text or a .jinja file)")
-    return template
-
-
-def parse_messages(value, mask_prompt: bool) -> list[dict]:
-    """Validate a row's messages (a list, or a JSON string of one, as in CSV files)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise SkipRow("messages not a list of {role, content}") from None
-    ok = isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in value)
-    if not ok:
-        raise SkipRow("messages not a list of {role, content}")
-    if mask_prompt and not any(m["role"] == "assistant" for m in value):
-        raise SkipRow("no assistant turn")
-    return value
-
-
 class ChatEncoder:
     """Renders messages with a chat template; returns ids and a 0/1 assistant mask."""
 
     def __init__(self, cfg: DataConfig, tokenizer):
-        self.tokenizer = tokenizer
-        self.template = resolve_template(cfg, tokenizer)
+        from tunekit.data.templates import resolve_chat_template
+
+        self.tokenizer, self.last_turn_only = tokenizer, cfg.train_turns == "last"
+        self.template = resolve_chat_template(cfg.chat_template, tokenizer)
         self.tagged = bool(_GENERATION_TAG.search(self.template))
         if not self.tagged and not getattr(tokenizer, "is_fast", False):
             raise ValueError("data.format 'chat': a template without {% generation %} tags needs a fast "
@@ -104,7 +73,13 @@ class ChatEncoder:
         """
         if self.tagged:
             out = self._render(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-            return list(out["input_ids"]), list(out["assistant_masks"])
+            ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        else:
+            ids, mask = self._span_mask(messages)
+        return ids, (_last_run(mask) if self.last_turn_only else mask)
+
+    def _span_mask(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """Ids and assistant mask of an untagged template, from incremental renderings (module doc)."""
         full = self._render(messages, tokenize=False)
         spans = []
         for i, message in enumerate(messages):
@@ -127,8 +102,25 @@ class ChatEncoder:
             SkipRow: the template rejects the messages.
         """
         first_reply = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
-        text = self._render(messages[:first_reply], tokenize=False, add_generation_prompt=True)
+        return self.generation_ids(messages[:first_reply])
+
+    def generation_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of the whole conversation so far plus the generation prompt (a chat's next reply).
+
+        Raises:
+            SkipRow: the template rejects the messages.
+        """
+        text = self._render(messages, tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def end_of_turn(self) -> str | None:
+        """The text the template closes a reply with (``<|im_end|>``, ``<|eot_id|>``, ``</s>``): where a
+        generated reply ends. Found by rendering a marker reply; None when the template adds nothing."""
+        marker = "\x00tunekit-reply\x00"
+        text = self._render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                            tokenize=False)
+        tail = text[text.index(marker) + len(marker):].strip() if marker in text else ""
+        return tail.split()[0] if tail else None
 
 
 def _overlaps(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
@@ -136,3 +128,12 @@ def _overlaps(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
     if start == end:  # a zero-width token (a special token, or whitespace a tokenizer trimmed away)
         return any(a <= start < b for a, b in spans)
     return any(start < b and end > a for a, b in spans)
+
+
+def _last_run(mask: list[int]) -> list[int]:
+    """``mask`` with only its last run of ones kept (the last assistant reply)."""
+    end = max((i for i, m in enumerate(mask) if m), default=-1) + 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return [int(start <= i < end) for i in range(len(mask))]

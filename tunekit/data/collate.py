@@ -17,7 +17,13 @@ then derives a block-diagonal causal mask from the position-id restarts (see
 so it forms one more sequence that no real token attends to. The model must run
 with ``use_cache=False`` (``DataBundle.forward_kwargs``): with a cache object,
 transformers 5 skips the packed-sequence detection and the examples attend to
-each other.
+each other. Packed batches also carry the same boundaries in FlashAttention's
+varlen form, computed here once per batch on the host (as transformers'
+``DataCollatorWithFlattening`` and TRL do): ``cu_seq_lens_q/k`` (N + 1,) int32
+offsets into the flattened (B·T) tokens and ``max_length_q/k`` (Python ints).
+Models pass them to their attention function: ``attn_implementation: tunekit``
+and ``flash_attention_2`` use them instead of rebuilding them from the position
+ids in every layer (a device sync each time on a GPU); sdpa and eager ignore them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from tunekit.data.formats import IGNORE_INDEX
+from tunekit.kernels.flash_attention import cu_seqlens_from_position_ids
 
 
 def _pad(seqs: list[list[int]], value: int, length: int | None = None, *, left: bool = False) -> torch.Tensor:
@@ -37,6 +44,18 @@ def _pad(seqs: list[list[int]], value: int, length: int | None = None, *, left: 
         if s:
             out[b, slice(length - len(s), None) if left else slice(0, len(s))] = torch.tensor(s, dtype=torch.long)
     return out
+
+
+def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """FlashAttention's varlen arguments for a packed (B, T) batch: the sequences its position ids delimit.
+
+    Example:
+        >>> varlen_kwargs(torch.tensor([[0, 1, 2, 0, 1]]))["cu_seq_lens_q"].tolist()
+        [0, 3, 5]
+    """
+    cu_seqlens, longest = cu_seqlens_from_position_ids(position_ids)  # on the host: no device sync
+    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": longest,
+            "max_length_k": longest}
 
 
 @dataclass(frozen=True)
@@ -63,7 +82,7 @@ class Collator:
         Returns:
             ``input_ids`` (B, T); ``labels`` (B, T), or (B,) for ``seq_cls``, or (B, T_target) for
             ``seq2seq``; ``attention_mask`` (B, T) for unpacked rows; ``position_ids`` (B, T) for
-            packed and left-padded rows.
+            packed and left-padded rows; for packed rows also ``varlen_kwargs``.
         """
         if not rows:
             raise ValueError("collate: empty batch")
@@ -78,6 +97,7 @@ class Collator:
             width = batch["input_ids"].shape[1]
             batch["position_ids"] = _pad([r["position_ids"] + list(range(width - len(r["position_ids"])))
                                           for r in rows], 0)
+            batch.update(varlen_kwargs(batch["position_ids"]))
         else:
             batch["attention_mask"] = _pad([r["attention_mask"] for r in rows], 0)
         return batch

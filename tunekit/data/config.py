@@ -7,9 +7,9 @@ few short cross-field checks whose messages name the key to fix.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -24,6 +24,15 @@ ALPACA_TEMPLATE_NO_INPUT = (
 
 Format = Literal["text", "instruction", "chat", "classification", "seq2seq"]
 FileFormat = Literal["json", "jsonl", "csv", "parquet", "txt"]
+Role = Literal["system", "user", "assistant"]
+
+# Fields one entry of data.sources may set (each is its own source, format and field mapping); the
+# others (lengths, masking, packing, the chat template, labels) are the run's.
+SOURCE_FIELDS = ("dataset", "dataset_config", "split", "eval_split", "train_files", "eval_files", "file_format",
+                 "streaming", "max_rows", "format", "text_field", "text_pair_field", "prompt_field", "input_field",
+                 "response_field", "prompt_template", "prompt_template_no_input", "messages_field", "chat_format",
+                 "role_key", "content_key", "roles", "system", "system_field", "label_field", "source_field",
+                 "target_field")
 
 
 class DataConfig(BaseModel):
@@ -95,11 +104,44 @@ class DataConfig(BaseModel):
     prompt_template_no_input: str = ALPACA_TEMPLATE_NO_INPUT
     """Prompt text with a ``{prompt}`` placeholder, used when the input is empty."""
 
-    messages_field: str = "messages"
-    """Field with a list of ``{"role", "content"}`` messages (``chat`` format)."""
+    messages_field: str | None = None
+    """Field with the conversation (``chat`` format); ``None``: ``messages`` (OpenAI) or
+    ``conversations`` (ShareGPT), as ``chat_format`` says."""
+
+    chat_format: Literal["auto", "openai", "sharegpt"] = "auto"
+    """Shape of a conversation: ``openai`` (``messages`` of ``role``/``content``), ``sharegpt``
+    (``conversations`` of ``from``/``value``, roles human/gpt/system), or ``auto`` (either, per row)."""
+
+    role_key: str | None = None
+    """Key of a message's role when it is neither ``role`` nor ``from`` (LLaMA-Factory's ``role_tag``,
+    axolotl's ``message_property_mappings.role``)."""
+
+    content_key: str | None = None
+    """Key of a message's text when it is neither ``content`` nor ``value`` (LLaMA-Factory's
+    ``content_tag``, axolotl's ``message_property_mappings.content``)."""
+
+    roles: dict[str, Role] = {}
+    """Role names of the data mapped to system / user / assistant, e.g. ``{human: user, bot: assistant}``
+    (LLaMA-Factory's ``user_tag``/``assistant_tag``); human, gpt, user, assistant, system are known."""
+
+    system: str | None = None
+    """System prompt: the first message of every conversation that has none (``chat``), or the text
+    before every instruction prompt (``instruction``; a ``{system}`` placeholder in
+    ``prompt_template`` puts it there instead)."""
+
+    system_field: str | None = None
+    """Field with a per-row system prompt (LLaMA-Factory's ``system`` column); rows without one use
+    ``system``."""
 
     chat_template: str | None = None
-    """Jinja chat template (or a path to a ``.jinja`` file) replacing the tokenizer's own."""
+    """The chat template: a name (alpaca, chatml, gemma, llama3, mistral, phi3, qwen2, qwen2.5, qwen3,
+    vicuna), ``tokenizer`` or ``None`` (the tokenizer's own), a ``.jinja`` file, or Jinja text. With
+    ``format: instruction`` it renders each row as a user message (instruction, a newline, the input)
+    and the response as the reply, as LLaMA-Factory does; it is saved with the adapter's tokenizer."""
+
+    train_turns: Literal["all", "last"] = "all"
+    """Chat loss on every assistant reply (``all``) or on the last one only (``last``; LLaMA-Factory's
+    ``mask_history``). Needs ``mask_prompt``."""
 
     label_field: str | None = None
     """Field with the class label (``classification`` format; required there)."""
@@ -132,9 +174,13 @@ class DataConfig(BaseModel):
     mask_prompt: bool = True
     """Compute the loss only on responses / assistant turns (prompt labels set to -100)."""
 
-    packing: bool = False
-    """Pack several examples into each row of up to ``max_seq_len`` tokens; position ids restart
-    per example and attention never crosses examples (causal-LM formats only)."""
+    packing: bool | None = None
+    """Pack several training examples into each row of up to ``max_seq_len`` tokens; position ids
+    restart per example and attention never crosses examples (causal-LM formats only; evaluation
+    rows are never packed). ``train.batch_size`` then counts packed rows. null (default):
+    ``tunekit finetune`` packs causal-LM data unless the adapter is prefix or prompt tuning or the
+    model cannot keep packed examples apart (checked on the loaded model); ``false`` opts out.
+    ``build_dataset`` on its own reads null as false."""
 
     group_by_length: bool = False
     """Order training rows so that each batch holds rows of similar length (less padding)."""
@@ -142,6 +188,19 @@ class DataConfig(BaseModel):
     length_group_size: int = 256
     """Rows per length-sorted group when ``group_by_length``: larger groups pad less but
     shuffle less."""
+
+    # --- several sources ------------------------------------------------------------------------
+    sources: list[DataSource] | None = None
+    """Several training sources in one run, each with its own ``dataset`` / ``train_files``, ``format``
+    and field mapping (unset fields are the ones above). Exclusive with ``dataset`` / ``train_files``."""
+
+    mix: Literal["concat", "interleave"] = "concat"
+    """How ``sources`` combine: ``concat`` (every row of each) or ``interleave`` (rows drawn from the
+    sources with ``weight`` probabilities, seeded: ``datasets.interleave_datasets``)."""
+
+    mix_stopping: Literal["first_exhausted", "all_exhausted"] = "first_exhausted"
+    """``interleave`` stops when the first source runs out (``first_exhausted``: undersampling) or when
+    every source has been seen whole (``all_exhausted``: the others repeat, oversampling)."""
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -158,6 +217,8 @@ class DataConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:
+        if self.sources is not None:
+            return self._check_sources()
         if (self.dataset is None) == (self.train_files is None):
             raise ValueError("set exactly one of data.dataset (a Hub name) or data.train_files (local files)")
         if self.eval_files is not None and self.train_files is None:
@@ -173,11 +234,45 @@ class DataConfig(BaseModel):
             raise ValueError("data.streaming needs data.max_rows (how many streamed rows to train on)")
         return self
 
+    def _check_sources(self) -> DataConfig:
+        if self.dataset is not None or self.train_files is not None:
+            raise ValueError("data.sources replaces data.dataset / data.train_files: move them into the entries")
+        if self.eval_files is not None or self.eval_split is not None:
+            raise ValueError("with data.sources, give each entry its eval_files / eval_split (or set data.eval_fraction)")
+        if not self.sources:
+            raise ValueError("data.sources is empty; list at least one source")
+        tasks = {self.for_source(i).task for i in range(len(self.sources))}
+        if len(tasks) > 1:
+            raise ValueError(f"data.sources mix formats of different tasks ({', '.join(sorted(tasks))}); a run "
+                             "trains one head: use text / instruction / chat sources together")
+        weights = [s.weight for s in self.sources]
+        if self.mix == "interleave" and any(w is not None for w in weights) and None in weights:
+            raise ValueError("data.mix=interleave: give every data.sources entry a weight, or none (equal weights)")
+        return self
+
+    def for_source(self, index: int) -> DataConfig:
+        """The data config of ``sources[index]``: its fields over this config's (a single-source config)."""
+        entry = self.sources[index]
+        own = {k: v for k, v in entry.model_dump().items() if v is not None and k != "weight"}
+        base = self.model_dump(exclude={"sources", "dataset", "train_files"})
+        try:
+            return DataConfig.model_validate({**base, **own})
+        except ValueError as err:
+            raise ValueError(f"data.sources[{index}]: {_first_error(err)}") from None
+
+    @property
+    def task(self) -> Literal["causal_lm", "seq_cls", "seq2seq"]:
+        """The model task this format trains: ``causal_lm``, ``seq_cls`` or ``seq2seq`` (that of the
+        sources, which share one)."""
+        if self.sources:
+            return self.for_source(0).task
+        return {"classification": "seq_cls", "seq2seq": "seq2seq"}.get(self.format, "causal_lm")
+
     @model_validator(mode="after")
     def _check_format(self) -> DataConfig:
         if self.format == "classification" and self.label_field is None:
             raise ValueError("data.format 'classification' needs data.label_field (the column with the label)")
-        if self.packing and self.format not in ("text", "instruction", "chat"):
+        if self.packing and self.task != "causal_lm":
             raise ValueError(f"data.packing works with causal-LM formats (text, instruction, chat), "
                              f"not data.format {self.format!r}: set data.packing to false")
         if "{prompt}" not in self.prompt_template or "{input}" not in self.prompt_template:
@@ -186,9 +281,31 @@ class DataConfig(BaseModel):
             raise ValueError("data.prompt_template_no_input needs a {prompt} placeholder")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError("data.labels has duplicates")
+        if self.train_turns == "last" and not self.mask_prompt:
+            raise ValueError("data.train_turns=last needs data.mask_prompt=true (the loss on the last reply only)")
         return self
 
-    @property
-    def task(self) -> Literal["causal_lm", "seq_cls", "seq2seq"]:
-        """The model task this format trains: ``causal_lm``, ``seq_cls`` or ``seq2seq``."""
-        return {"classification": "seq_cls", "seq2seq": "seq2seq"}.get(self.format, "causal_lm")
+
+def _first_error(err: ValueError) -> str:
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        first = errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return (f"{where}: " if where else "") + first["msg"].removeprefix("Value error, ")
+    return str(err)
+
+
+def _source_model() -> type[BaseModel]:
+    """``DataSource``: the ``SOURCE_FIELDS`` of ``DataConfig``, each optional (unset = the run's), and a weight."""
+    fields: dict[str, Any] = {}
+    for name in SOURCE_FIELDS:
+        info = DataConfig.model_fields[name]
+        fields[name] = (info.annotation | None, Field(None, description=f"{info.description} (unset: the run's)"))
+    fields["weight"] = (float | None, Field(None, gt=0, description="Probability weight of this source under "
+                                                                     "``mix: interleave`` (normalised over the sources)."))
+    return create_model("DataSource", __config__=ConfigDict(extra="forbid"), __doc__="One entry of data.sources.",
+                        **fields)
+
+
+DataSource = _source_model()
+DataConfig.model_rebuild()

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunekit.adapters.hf.tasks import IGNORE_INDEX
-from tunekit.data.chat import SkipRow, parse_messages
+from tunekit.data.chat import SkipRow
 from tunekit.data.config import DataConfig
 from tunekit.data.prompts import PromptRenderer, text_field
 
@@ -48,6 +48,8 @@ class Encoder:
     def __init__(self, cfg: DataConfig, tokenizer, label2id: dict[str, int] | None = None):
         self.cfg, self.tok, self.label2id = cfg, tokenizer, label2id
         self.prompts = PromptRenderer(cfg, tokenizer)
+        if cfg.add_eos and cfg.task == "causal_lm" and self.prompts.chat is None:
+            _check_can_stop(tokenizer, self.prompts.closing)
         self._encode = {"text": self._text_example, "instruction": self._instruction_example,
                         "chat": self._chat_example, "classification": self._classification_example,
                         "seq2seq": self._seq2seq_example}[cfg.format]
@@ -81,6 +83,8 @@ class Encoder:
         return self._causal(ids, list(ids))
 
     def _instruction_example(self, row: dict) -> Example:
+        if self.prompts.chat is not None:  # rendered through data.chat_template, as a one-turn chat
+            return self._conversation(self.prompts.instruction_messages(row, with_response=True))
         prompt_ids = self.prompts.prompt_ids(row)[0]
         response_ids = self._closed(self.prompts.ids(text_field(row, self.cfg.response_field), special=False))
         ids = prompt_ids + response_ids
@@ -89,9 +93,9 @@ class Encoder:
         return self._causal(ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids)
 
     def _chat_example(self, row: dict) -> Example:
-        if self.cfg.messages_field not in row:
-            raise SkipRow(f"missing field {self.cfg.messages_field!r}")
-        messages = parse_messages(row[self.cfg.messages_field], self.cfg.mask_prompt)
+        return self._conversation(self.prompts.messages.read(row))
+
+    def _conversation(self, messages: list[dict]) -> Example:
         ids, assistant = self.prompts.chat.encode(messages)
         if not self.cfg.mask_prompt:
             return self._causal(ids, list(ids))
@@ -117,3 +121,16 @@ class Encoder:
         ids, cut_source = self.prompts.prompt_ids(row)
         labels, cut_target = self.prompts.bounded(cfg.max_target_len or cfg.max_seq_len, None, text_target=target)
         return Example(ids, labels, cut_source or cut_target)
+
+
+def _check_can_stop(tokenizer, closing: list[int]) -> None:
+    """Refuse ``add_eos`` when nothing would end an example: no EOS token and no closing special.
+
+    Adding a new EOS token is not done: its embedding and output rows would be new, untrained
+    weights (a LoRA run trains neither), so the model would still not learn to stop.
+    """
+    if tokenizer.eos_token_id is None and not closing:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"data.add_eos=true, but the tokenizer {name!r} has no EOS token and closes a text with "
+                         "nothing, so the model could not learn to stop; use a tokenizer with an EOS token "
+                         "(model.tokenizer) or set data.add_eos: false")

@@ -18,7 +18,10 @@ pieces the packed loss (a mean over label tokens) equals the unpacked one.
 Length grouping is the alternative to packing: ``train_order`` shuffles, cuts the
 order into groups of ``group_size`` rows, and sorts each group by length, so
 batches sliced from the order hold rows of similar length (the scheme of
-transformers' ``LengthGroupedSampler``, with the batch size left to the trainer).
+transformers' ``LengthGroupedSampler``). Given the rows of an optimizer step, the
+group size is rounded to a multiple of it, so no batch straddles two groups (a
+batch of a group's eight shortest rows and the next group's two longest would pad
+all ten to the longest).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import random
 from bisect import bisect_left, insort
 
-from tunekit.data.formats import IGNORE_INDEX, Example
+from tunekit.data.formats import IGNORE_INDEX
 from tunekit.data.rows import TokenizedRows
 
 
@@ -61,21 +64,35 @@ def pack_groups(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def pack_examples(examples: list[Example], capacity: int) -> TokenizedRows:
-    """Concatenate causal-LM examples into packed rows with restarting ``position_ids``."""
+def pack_examples(examples: TokenizedRows, capacity: int) -> TokenizedRows:
+    """Concatenate causal-LM examples (rows with ``input_ids`` and ``labels``) into packed rows with
+    restarting ``position_ids``."""
     packed = TokenizedRows(("input_ids", "labels", "position_ids"))
-    for group in pack_groups([len(ex.input_ids) for ex in examples], capacity):
+    for group in pack_groups(examples.lengths(), capacity):
         ids, labels, positions = [], [], []
         for i in group:
             ex = examples[i]
-            ids += ex.input_ids
-            labels += [IGNORE_INDEX, *ex.labels[1:]]
-            positions += range(len(ex.input_ids))
+            ids += ex["input_ids"]
+            labels += [IGNORE_INDEX, *ex["labels"][1:]]
+            positions += range(len(ex["input_ids"]))
         packed.append(input_ids=ids, labels=labels, position_ids=positions)
     return packed
 
 
-def train_order(lengths: list[int], epoch: int, seed: int, *, group_size: int | None = None) -> list[int]:
+def aligned_group_size(group_size: int, step_rows: int | None) -> int:
+    """``group_size`` rounded to the nearest multiple of ``step_rows`` (at least one step's rows).
+
+    Example:
+        >>> aligned_group_size(256, 10), aligned_group_size(256, 8), aligned_group_size(4, 10)
+        (260, 256, 10)
+    """
+    if not step_rows:
+        return group_size
+    return step_rows * max(1, round(group_size / step_rows))
+
+
+def train_order(lengths: list[int], epoch: int, seed: int, *, group_size: int | None = None,
+                step_rows: int | None = None) -> list[int]:
     """The row indices of one epoch, in visiting order; a pure function of its arguments.
 
     Args:
@@ -85,6 +102,9 @@ def train_order(lengths: list[int], epoch: int, seed: int, *, group_size: int | 
         group_size: if set, sort each consecutive group of this many shuffled rows by
             length (longest first) and put the group holding the longest row first, so
             an out-of-memory batch shows up at the first step.
+        step_rows: rows per optimizer step (batch size x accumulation x processes); the groups
+            are cut to a multiple of it (``aligned_group_size``), so no batch sliced from the
+            order holds the shortest rows of one group and the longest of the next.
 
     Returns:
         A permutation of ``range(len(lengths))``.
@@ -99,10 +119,17 @@ def train_order(lengths: list[int], epoch: int, seed: int, *, group_size: int | 
     order = list(range(len(lengths)))
     # A str seed is hashed with SHA-512 by `random`: the same order on every run and platform.
     random.Random(f"tunekit-order:{seed}:{epoch}").shuffle(order)
-    if group_size is None:
+    if group_size is None or not order:
         return order
-    groups = [sorted(order[s: s + group_size], key=lambda i: -lengths[i]) for s in range(0, len(order), group_size)]
-    if groups:
-        longest = max(range(len(groups)), key=lambda g: lengths[groups[g][0]])
+    size = aligned_group_size(group_size, step_rows)
+    groups = [order[s: s + size] for s in range(0, len(order), size)]
+    longest = max(range(len(groups)), key=lambda g: max(lengths[i] for i in groups[g]))
+    if len(groups[longest]) < size and longest > 0:
+        # A short (last) group moved to the front would shift every later batch off the group
+        # boundaries: it stays last and trades its longest row for the first group's.
+        first, short = groups[0], groups[longest]
+        a, b = (max(range(len(g)), key=lambda k, g=g: lengths[g[k]]) for g in (first, short))
+        first[a], short[b] = short[b], first[a]
+    else:
         groups.insert(0, groups.pop(longest))
-    return [i for group in groups for i in group]
+    return [i for group in groups for i in sorted(group, key=lambda i: -lengths[i])]

@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import re
 
-from tunekit.data.chat import ChatEncoder, SkipRow, parse_messages
+from tunekit.data.chat import ChatEncoder, SkipRow
 from tunekit.data.config import DataConfig
+from tunekit.data.messages import INLINE_MESSAGES, MessageReader
 
 __all__ = ["PromptRenderer", "fill_template"]
+
+_INLINE_SYSTEM = "_tunekit_system"  # row key of a system prompt given at inference
 
 
 def fill_template(template: str, **values: str) -> str:
@@ -85,7 +88,10 @@ class PromptRenderer:
 
     def __init__(self, cfg: DataConfig, tokenizer, *, inference: bool = False):
         self.cfg, self.tok, self.inference = cfg, tokenizer, inference
-        self.chat = ChatEncoder(cfg, tokenizer) if cfg.format == "chat" else None
+        # An instruction run with a chat template renders its rows as one-turn chats.
+        templated = cfg.format == "chat" or (cfg.format == "instruction" and cfg.chat_template is not None)
+        self.chat = ChatEncoder(cfg, tokenizer) if templated else None
+        self.messages = MessageReader(cfg)
         self.closing = _closing_specials(tokenizer)
 
     def ids(self, text: str, *, special: bool = True) -> list[int]:
@@ -97,14 +103,38 @@ class PromptRenderer:
         ids, n = self.ids(text), len(self.closing)
         return ids[:-n] if n and ids[-n:] == self.closing else ids
 
+    def _system(self, row: dict) -> str | None:
+        """The row's system prompt (``system_field``), else the config's."""
+        if _INLINE_SYSTEM in row:  # given at inference (generate --system)
+            return row[_INLINE_SYSTEM] or None
+        field = self.cfg.system_field
+        own = text_field(row, field, required=False) if field else None
+        return own or self.cfg.system
+
     def instruction_text(self, row: dict) -> str:
-        """The filled prompt template of an instruction row."""
+        """The filled prompt template of an instruction row (after its system prompt, if any)."""
         cfg = self.cfg
         prompt = text_field(row, cfg.prompt_field)
         extra = text_field(row, cfg.input_field, required=False) if cfg.input_field else None
-        if extra is None:
-            return fill_template(cfg.prompt_template_no_input, prompt=prompt)
-        return fill_template(cfg.prompt_template, prompt=prompt, input=extra)
+        template = cfg.prompt_template_no_input if extra is None else cfg.prompt_template
+        values = {"prompt": prompt} if extra is None else {"prompt": prompt, "input": extra}
+        system = self._system(row)
+        if "{system}" in template:
+            return fill_template(template, **values, system=system or "")
+        text = fill_template(template, **values)
+        return f"{system}\n\n{text}" if system else text
+
+    def instruction_messages(self, row: dict, *, with_response: bool = False) -> list[dict]:
+        """An instruction row as a chat: [system], user (instruction, newline, input), [the response]."""
+        cfg = self.cfg
+        prompt = text_field(row, cfg.prompt_field)
+        extra = text_field(row, cfg.input_field, required=False) if cfg.input_field else None
+        system = self._system(row)
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt if extra is None else f"{prompt}\n{extra}"})
+        if with_response:
+            messages.append({"role": "assistant", "content": text_field(row, cfg.response_field)})
+        return messages
 
     def bounded(self, max_len: int, *texts: str | None, **kw) -> tuple[list[int], bool]:
         """Ids with special tokens, cut to ``max_len`` by the tokenizer's own truncation (so closing
@@ -126,32 +156,35 @@ class PromptRenderer:
         cfg = self.cfg
         if cfg.format == "text":
             return self._open(text_field(row, cfg.text_field)), False
+        if cfg.format == "instruction" and self.chat is not None:
+            return self.chat.prompt_ids(self.instruction_messages(row)), False
         if cfg.format == "instruction":
             return self._open(self.instruction_text(row)), False
         if cfg.format == "chat":
-            if cfg.messages_field not in row:
-                raise SkipRow(f"missing field {cfg.messages_field!r}")
-            messages = parse_messages(row[cfg.messages_field], mask_prompt=False)
-            return self.chat.prompt_ids(messages), False
+            return self.chat.prompt_ids(self.messages.read(row, prompt=True)), False
         if cfg.format == "classification":
             pair = text_field(row, cfg.text_pair_field) if cfg.text_pair_field else None
             return self.bounded(cfg.max_seq_len, text_field(row, cfg.text_field), pair)
         return self.bounded(cfg.max_seq_len, text_field(row, cfg.source_field))
 
-    def row_for(self, prompt: str | dict, second: str | None = None) -> dict:
+    def row_for(self, prompt: str | dict, second: str | None = None, system: str | None = None) -> dict:
         """A row of this format holding a user's prompt text (a dict is already a row).
 
         ``second`` is an instruction's input (without one the no-input template applies) or a
-        classification pair's second text; ``chat`` prompts are one user message.
+        classification pair's second text; ``chat`` prompts are one user message. ``system``
+        replaces the run's system prompt (chat and instruction formats).
 
         Raises:
-            ValueError: ``second`` for a format that has no second text.
+            ValueError: ``second`` for a format that has no second text, ``system`` for one without.
         """
         if isinstance(prompt, dict):
             return prompt
         cfg = self.cfg
+        if system is not None and cfg.format not in ("chat", "instruction"):
+            raise ValueError(f"a system prompt fits a chat or instruction run, not data.format {cfg.format!r}")
         if cfg.format == "chat":
-            row = {cfg.messages_field: [{"role": "user", "content": prompt}]}
+            head = [{"role": "system", "content": system}] if system else []
+            row = {INLINE_MESSAGES: [*head, {"role": "user", "content": prompt}]}
         else:
             row = {{"text": cfg.text_field, "instruction": cfg.prompt_field, "classification": cfg.text_field,
                     "seq2seq": cfg.source_field}[cfg.format]: prompt}
@@ -161,6 +194,8 @@ class PromptRenderer:
                 raise ValueError(f"a second text (an input) fits an instruction run or a classification run on "
                                  f"text pairs, not data.format {cfg.format!r}")
             row[field] = second
+        if system is not None and cfg.format == "instruction":
+            row = {**row, _INLINE_SYSTEM: system}
         return row
 
     def end_ids(self) -> list[int]:

@@ -14,7 +14,9 @@ the row's dict of python lists on demand::
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 
 class TokenizedRows(Sequence):
@@ -34,6 +36,27 @@ class TokenizedRows(Sequence):
         self._data = {name: array("i") for name in ragged}
         self._offsets = {name: array("q", [0]) for name in ragged}
         self._scalar = {name: array("q") for name in scalar}
+
+    @classmethod
+    def from_arrays(cls, ragged: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                    scalar: Mapping[str, np.ndarray] | None = None) -> TokenizedRows:
+        """Rows from flat arrays: ``ragged[name] = (values, offsets)`` with ``offsets[0] == 0`` and one
+        more offset than rows; ``scalar[name]`` one value per row (the inverse of ``arrays``)."""
+        rows = cls(tuple(ragged), tuple(scalar or ()))
+        for name, (values, offsets) in ragged.items():
+            rows._data[name] = array("i", np.ascontiguousarray(values, dtype=np.int32).tobytes())
+            rows._offsets[name] = array("q", np.ascontiguousarray(offsets, dtype=np.int64).tobytes())
+        for name, values in (scalar or {}).items():
+            rows._scalar[name] = array("q", np.ascontiguousarray(values, dtype=np.int64).tobytes())
+        counts = {len(o) - 1 for o in rows._offsets.values()} | {len(v) for v in rows._scalar.values()}
+        if len(counts) != 1:
+            raise ValueError(f"TokenizedRows.from_arrays: the columns hold different numbers of rows {sorted(counts)}")
+        return rows
+
+    def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(values, offsets) of a ragged column as numpy views (no copy), as ``from_arrays`` takes them."""
+        return (np.frombuffer(self._data[name], dtype=np.int32) if len(self._data[name]) else np.zeros(0, np.int32),
+                np.frombuffer(self._offsets[name], dtype=np.int64))
 
     def append(self, **columns) -> None:
         """Add a row: one keyword per column (lists for ragged columns, ints for scalar ones)."""

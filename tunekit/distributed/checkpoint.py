@@ -1,25 +1,20 @@
-"""Sharded checkpoints: trainable state only, in torch Distributed Checkpoint (DCP) format.
+"""Trainable state in torch Distributed Checkpoint (DCP) format: the ``state/`` folder of every checkpoint.
 
-A checkpoint is one folder ``<root>/step-<N>/``::
+DCP holds two entries, each rank writing its own shards:
 
-    state/                    DCP: "model" (trainable parameters) + "optim" (optimizer state),
-                              each rank writing its shards; loads on any number of processes
-                              (DeepSpeed: its own engine checkpoint, frozen parameters excluded)
-    adapter/                  the gathered adapter, as the final save writes it (optional)
-    rng-rank<r>.pt            every rank's RNG states
-    trainer_state.pt          scheduler state and the world size it was saved with
-    config.json, progress.json   as the single-process checkpoint (progress.json last: complete)
+    model   the trainable parameters (state-dict keys; DTensor shards under fsdp, whole tensors otherwise)
+    optim   the optimizer state, keyed by parameter name (``get_optimizer_state_dict``'s layout)
 
-The frozen base is never in a checkpoint: it is reloaded from its source (and a
-quantized base never meets DCP). Writing is atomic: every rank writes into
-``.tmp-step-N``, a barrier, then rank 0 renames it into place, then a barrier
-(the folder must be on a file system all ranks share).
+A folder written on N processes loads on M (DCP reshards on load), whatever the
+strategies: one process, DDP, FSDP2 and DeepSpeed (which gathers its partitions into
+the same layout) read each other's. Frozen tensors never enter it: the state dict
+is filtered before DCP sees it, and loading checks that nothing but frozen keys is
+missing. The run-folder side of checkpoints (atomic folders, RNG, progress, run
+ids) is ``tunekit.train.checkpoint``.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,12 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunekit.train.checkpoint import PROGRESS, list_checkpoints, rng_state, set_rng_state
 
-STATE = "state"
-
-
-def _single() -> bool:
+def no_process_group() -> bool:
+    """True when this process is not in a process group (DCP then reads and writes alone)."""
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized())
@@ -50,7 +42,7 @@ def split_keys(model: nn.Module) -> tuple[set[str], set[str]]:
     return trainable, frozen
 
 
-def _model_state(model: nn.Module, wrapped: nn.Module) -> dict[str, torch.Tensor]:
+def trainable_model_state(model: nn.Module, wrapped: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable part of ``wrapped``'s state dict: local shards (DTensors) or tensors, no communication."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -62,125 +54,99 @@ def _model_state(model: nn.Module, wrapped: nn.Module) -> dict[str, torch.Tensor
     return {k: v for k, v in state.items() if k in trainable}
 
 
-def save_dcp(folder: str | Path, model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
-             layout: Any = None) -> None:
-    """Write the trainable parameters of ``model`` (as ``wrapped`` holds them) and ``optimizer``'s state (collective).
-
-    Frozen tensors never enter the checkpoint: the state dict is filtered before DCP sees it.
-    ``layout.to_saved(state)`` (optional) puts tensors held in a strategy-specific order into
-    the canonical one first (tensor parallelism's packed outputs).
-    """
+def save_dcp(folder: str | Path, state: dict[str, Any]) -> None:
+    """Write ``{"model": ..., "optim": ...}`` to ``folder`` (collective under a process group)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    state = {"model": _model_state(model, wrapped), "optim": get_optimizer_state_dict(wrapped, optimizer)}
-    if layout is not None:
-        layout.to_saved(state)
-    dcp.save(state, checkpoint_id=str(folder), no_dist=_single())
+    with warnings.catch_warnings():  # one process writing DCP is intended (strategy none)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.save(state, checkpoint_id=str(folder), no_dist=no_process_group())
 
 
-def load_dcp(folder: str | Path, model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
-             layout: Any = None) -> None:
-    """Load a ``save_dcp`` folder into ``model`` and ``optimizer``, resharding to this world size.
+def trainable_mismatch(folder: str | Path, model: nn.Module, shapes: dict[str, torch.Size] | None = None) -> str | None:
+    """Why the checkpoint in ``folder`` cannot fill ``model``'s trainable parameters, or None.
 
-    The parameters are filled in place (DCP reads into the tensors of the state dict);
-    only frozen keys may be absent from the checkpoint, and it may hold no key this model lacks.
-
-    Raises:
-        ValueError: the checkpoint was written for another model or adapter config.
+    It must hold every trainable tensor, nothing unknown to the model and no frozen one, each at
+    the global shape ``shapes`` gives (default: the parameters' own shapes).
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
-
     trainable, frozen = split_keys(model)
-    saved = {k.removeprefix("model.") for k in checkpoint_keys(folder) if k.startswith("model.")}
-    absent, unknown = sorted(trainable - saved), sorted(saved - trainable - frozen)
-    if absent or unknown:
-        what = f"lacks trainable tensor {absent[0]!r}" if absent else f"holds {unknown[0]!r}, unknown to this model"
-        raise ValueError(f"{folder}: the checkpoint {what}; resume with the same model and adapter config, "
-                         "or set train.resume=never")
-    if saved & frozen:
-        raise ValueError(f"{folder}: the checkpoint holds frozen tensor {sorted(saved & frozen)[0]!r}; "
-                         "it was not written by tunekit")
-    state = {"model": _model_state(model, wrapped), "optim": get_optimizer_state_dict(wrapped, optimizer)}
-    finish = layout.to_loaded(state) if layout is not None else None  # canonical buffers DCP reads into
+    metadata = read_metadata(folder).state_dict_metadata
+    saved = {k.removeprefix("model."): v for k, v in metadata.items() if k.startswith("model.")}
+    absent, unknown = sorted(trainable - saved.keys()), sorted(saved.keys() - trainable - frozen)
+    if absent:
+        return f"the checkpoint lacks trainable tensor {absent[0]!r} ({len(absent)} in all)"
+    if unknown:
+        return f"the checkpoint holds {unknown[0]!r}, unknown to this model"
+    if saved.keys() & frozen:
+        return f"the checkpoint holds frozen tensor {sorted(saved.keys() & frozen)[0]!r} (not written by tunekit)"
+    if shapes is None:
+        shapes = {k: v.shape for k, v in model.state_dict(keep_vars=True).items() if k in trainable}
+    for name in sorted(trainable):
+        if name in shapes and tuple(saved[name].size) != tuple(shapes[name]):
+            return f"{name} has shape {tuple(saved[name].size)} there and {tuple(shapes[name])} in this model"
+    return None
+
+
+def check_trainable_fit(folder: str | Path, model: nn.Module, shapes: dict[str, torch.Size] | None = None) -> None:
+    """Raise ``ValueError`` with ``trainable_mismatch``'s reason (and the way out), if there is one."""
+    problem = trainable_mismatch(folder, model, shapes)
+    if problem:
+        raise ValueError(f"{folder}: {problem}; resume with the same model and adapter config, or set "
+                         "train.resume=never")
+
+
+def load_dcp(folder: str | Path, state: dict[str, Any]) -> None:
+    """Read ``folder`` into the tensors of ``state`` in place, resharding to this process's shards (collective)."""
+    import torch.distributed.checkpoint as dcp
+
     with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended (2 -> 1 resume)
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(state, checkpoint_id=str(folder), no_dist=_single())
-    if finish is not None:
-        finish()
-    set_optimizer_state_dict(wrapped, optimizer, state["optim"], options=StateDictOptions(strict=False))
+        dcp.load(state, checkpoint_id=str(folder), no_dist=no_process_group())
+
+
+def read_metadata(folder: str | Path):
+    """The DCP metadata of ``folder`` (raises on a missing or damaged ``.metadata`` file)."""
+    import torch.distributed.checkpoint as dcp
+
+    return dcp.FileSystemReader(str(folder)).read_metadata()
 
 
 def checkpoint_keys(folder: str | Path) -> list[str]:
     """Every tensor key a DCP folder's metadata holds (``model.<param>``, ``optim.state.<param>.<stat>``, ...)."""
+    return sorted(read_metadata(folder).state_dict_metadata)
+
+
+def check_dcp_files(folder: str | Path) -> None:
+    """Raise ``ValueError`` naming the first damaged file of a DCP folder: unreadable metadata, or a data file
+    shorter than the bytes its metadata places in it (a truncated write). Reads no tensor."""
+    folder = Path(folder)
+    try:
+        metadata = read_metadata(folder)
+    except Exception as err:  # noqa: BLE001 - any failure to read it means the same: damaged
+        raise ValueError(f".metadata: {' '.join(str(err).split())[:120] or type(err).__name__}") from None
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = folder / name
+        size = file.stat().st_size if file.is_file() else -1
+        if size < end:
+            raise ValueError(f"{name}: {'missing' if size < 0 else f'{size} bytes, its metadata needs {end}'}")
+
+
+def read_trainable_state(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The trainable tensors a ``state/`` folder holds, whole, on the CPU, by state-dict key (one process).
+
+    Example:
+        >>> read_trainable_state("runs/x/checkpoints/step-6/state")  # doctest: +SKIP
+        {'model.layers.0.self_attn.q_proj.adapters.default.lora_A.weight': tensor(...), ...}
+    """
     import torch.distributed.checkpoint as dcp
 
-    return sorted(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def save_sharded_checkpoint(
-    root: str | Path, step: int, *, strategy: Any, scheduler: Any, progress: dict, config: dict,
-    keep_last: int | None, write_adapter: Any = None,
-) -> Path:
-    """Write checkpoint ``step`` under ``root`` from every rank, atomically; return its folder.
-
-    ``write_adapter(folder)`` (collective, optional) adds the gathered adapter.
-    """
-    root = Path(root)
-    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
-    rank, world = _rank_and_world()
-    if strategy.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    strategy.barrier()
-    strategy.save_state(tmp / STATE)
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    if write_adapter is not None:
-        write_adapter(tmp / "adapter")
-    strategy.barrier()
-    if strategy.is_main:
-        torch.save({"scheduler": scheduler.state_dict(), "world_size": world}, tmp / "trainer_state.pt")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (tmp / PROGRESS).write_text(json.dumps(progress, indent=2) + "\n", encoding="utf-8")
-        _swap_into_place(tmp, final, root)
-        if keep_last is not None:
-            for stale in list_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(stale)
-    strategy.barrier()
-    return final
-
-
-def _swap_into_place(tmp: Path, final: Path, root: Path) -> None:
-    if final.exists():  # re-saving a step (a resumed run that stopped at once): swap, then drop
-        old = root / f".old-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-
-
-def load_sharded_checkpoint(folder: str | Path, *, strategy: Any, scheduler: Any) -> dict:
-    """Restore trainable state, optimizer, scheduler and this rank's RNG; return the progress record.
-
-    On another world size than the checkpoint's, rank ``r`` takes the RNG of saved rank
-    ``r % saved_world`` (dropout streams then differ from an uninterrupted run).
-    """
-    folder = Path(folder)
-    strategy.load_state(folder / STATE)
-    trainer_state = torch.load(folder / "trainer_state.pt", weights_only=True)
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    rank, _ = _rank_and_world()
-    saved_rank = rank % int(trainer_state["world_size"])
-    set_rng_state(torch.load(folder / f"rng-rank{saved_rank}.pt", weights_only=True))
-    return json.loads((folder / PROGRESS).read_text(encoding="utf-8"))
+    metadata = read_metadata(folder).state_dict_metadata
+    model = {key.removeprefix("model."): torch.empty(tuple(item.size), dtype=item.properties.dtype)
+             for key, item in metadata.items() if key.startswith("model.") and hasattr(item, "size")}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load({"model": model}, checkpoint_id=str(folder), no_dist=True)
+    return model

@@ -14,7 +14,8 @@ from tunekit.distributed.options import TENSOR_PARALLEL, DistributedOptions
 INSTALL_DEEPSPEED = "pip install 'tunekit[deepspeed]'"
 
 
-def config_problem(options: DistributedOptions, adapter_method: str, quantization: str | None) -> str | None:
+def config_problem(options: DistributedOptions, adapter_method: str, quantization: str | None, *,
+                   fused_cross_entropy: bool = False) -> str | None:
     """Why ``adapter_method`` on a ``quantization`` base cannot run under ``options``, or None.
 
     Needs no process information, so config validation can call it (one line, or None).
@@ -29,6 +30,10 @@ def config_problem(options: DistributedOptions, adapter_method: str, quantizatio
         if options.cpu_offload:
             return (f"distributed.cpu_offload is not supported with strategy {strategy} (tensor-parallel shards stay "
                     "on their device); use strategy fsdp with cpu_offload")
+    if fused_cross_entropy and strategy != "none":
+        return (f"train.fused_cross_entropy=true is not supported with distributed.strategy={strategy}: the fused "
+                "head runs the model's body and head outside the engine's forward (no gather, no gradient sync); "
+                "set it to false")
     if quantization and strategy == "deepspeed":
         return (f"model.quantization={quantization!r} cannot run under distributed.strategy=deepspeed: ZeRO-3 "
                 "partitions the packed bitsandbytes weights without their quantization state; use strategy fsdp "
@@ -44,8 +49,10 @@ def config_problem(options: DistributedOptions, adapter_method: str, quantizatio
                 "scaling); use bf16")
     if options.deepspeed_config is not None and strategy != "deepspeed":
         return f"distributed.deepspeed_config is for strategy deepspeed, not {strategy!r}; remove it or switch"
-    if strategy == "none" and (options.cpu_offload or not options.reshard_after_forward):
-        return "distributed.cpu_offload / reshard_after_forward need a sharded strategy (fsdp or deepspeed)"
+    if options.cpu_offload and not options.sharded:
+        return f"distributed.cpu_offload needs a sharded strategy (fsdp or deepspeed), not {strategy!r}"
+    if not options.reshard_after_forward and strategy != "fsdp":
+        return f"distributed.reshard_after_forward=false is for strategy fsdp, not {strategy!r}"
     return None
 
 
@@ -66,8 +73,8 @@ def tensor_parallel_problem(options: DistributedOptions, model_config: Any, seq_
 
 def check_before_launch(options: DistributedOptions, *, nproc: int | None = None, nnodes: int = 1,
                         adapter_method: str = "lora", quantization: str | None = None,
-                        environ: Mapping[str, str] | None = None, model_config: Any = None,
-                        seq_len: int | None = None) -> None:
+                        fused_cross_entropy: bool = False, environ: Mapping[str, str] | None = None,
+                        model_config: Any = None, seq_len: int | None = None) -> None:
     """Raise ``ValueError`` if this job cannot work, before anything heavy runs.
 
     Args:
@@ -95,8 +102,9 @@ def check_before_launch(options: DistributedOptions, *, nproc: int | None = None
     if not external and world > 1 and options.strategy == "none":
         raise ValueError(f"--nproc {nproc} needs a multi-process strategy: set distributed.strategy: ddp, fsdp or "
                          "deepspeed")
-    if options.sharded and world == 1:
-        raise ValueError(f"distributed.strategy={options.strategy} shards the model over processes but this run has 1; "
+    if options.strategy != "none" and world == 1:
+        spreads = "shards the model" if options.sharded else "replicates the model"
+        raise ValueError(f"distributed.strategy={options.strategy} {spreads} over processes but this run has 1; "
                          "start several (tunekit finetune --nproc N, tunekit.launch(..., nproc=N)) or use strategy none")
     if not external:
         check_process_count(nproc)
@@ -110,6 +118,10 @@ def check_before_launch(options: DistributedOptions, *, nproc: int | None = None
         raise ValueError(problem)
     if options.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"distributed.strategy=deepspeed needs DeepSpeed, which is not installed: {INSTALL_DEEPSPEED}")
-    problem = config_problem(options, adapter_method, quantization)
+    if options.strategy == "deepspeed" and options.deepspeed_config is not None:
+        from tunekit.distributed.deepspeed_zero import deepspeed_config
+
+        deepspeed_config(options, world)  # the user's file: there, JSON, not contradicting what tunekit needs
+    problem = config_problem(options, adapter_method, quantization, fused_cross_entropy=fused_cross_entropy)
     if problem:
         raise ValueError(problem)

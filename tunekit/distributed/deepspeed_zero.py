@@ -9,7 +9,9 @@ the user's own file, which is checked for the few keys tunekit relies on):
   boundary (DeepSpeed reduces each backward's gradients into the partitions).
 - ``stage3_gather_16bit_weights_on_model_save: false``: tunekit gathers only the
   adapters (``GatheredParameters`` over the trainable parameters).
-- checkpoints with ``exclude_frozen_parameters=True``.
+- checkpoints in the DCP layout of the other strategies (``deepspeed_state``): the
+  trainable tensors and their optimizer state gathered whole, so they resume on any
+  number of processes, under any strategy.
 
 On a CPU, DeepSpeed needs ``DS_ACCELERATOR=cpu`` before it is imported, and it
 compiles C++ ops once; they are cached under ``TORCH_EXTENSIONS_DIR`` (set here to
@@ -142,6 +144,8 @@ class DeepSpeedStrategy(Strategy):
         # DeepSpeed 0.19 calls torch.distributed functions torch 2.13 deprecated, once per collective.
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         optimizer = build_optimizer(model)
+        # The groups' parameters as built: DeepSpeed replaces them by its flat fp32 partitions.
+        self.group_params = [list(group["params"]) for group in optimizer.param_groups]
         self.config = deepspeed_config(self.options, self.runtime.world_size)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config, dist_init_required=False)
         self.engine = engine
@@ -186,32 +190,11 @@ class DeepSpeedStrategy(Strategy):
         self.engine.optimizer.refresh_fp32_params()  # the optimizer's fp32 partitions follow
 
     def save_state(self, folder) -> None:
-        from tunekit.distributed.checkpoint import split_keys
+        from tunekit.distributed.deepspeed_state import save_state
 
-        # exclude_frozen_parameters matches named_parameters() names against state-dict keys, so it
-        # keeps frozen weights whose module renames its keys (AdapterLayer drops "base_layer"); drop
-        # every frozen key, found by identity, from the state dict the engine writes.
-        _, frozen = split_keys(self.model)
-
-        def drop_frozen(module, state_dict, prefix, local_metadata):
-            for key in [k for k in state_dict if k.removeprefix(prefix) in frozen]:
-                del state_dict[key]
-
-        handle = self.model.register_state_dict_post_hook(drop_frozen)
-        try:
-            self.engine.save_checkpoint(str(folder), tag="zero", client_state={}, save_latest=False,
-                                        exclude_frozen_parameters=True)
-        finally:
-            handle.remove()
+        save_state(self, folder)
 
     def load_state(self, folder) -> None:
-        folder = Path(folder)
-        saved = len(list((folder / "zero").glob("*optim_states.pt")))
-        if saved != self.runtime.world_size:
-            raise ValueError(f"{folder}: this DeepSpeed checkpoint was written by {saved} processes; resume it on "
-                             f"{saved} (this run has {self.runtime.world_size}), or use distributed.strategy=fsdp, "
-                             "whose checkpoints load on any number")
-        path, _ = self.engine.load_checkpoint(str(folder), tag="zero", load_module_strict=False,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
-        if path is None:
-            raise ValueError(f"{folder}: DeepSpeed found no checkpoint there")
+        from tunekit.distributed.deepspeed_state import load_state
+
+        load_state(self, folder)

@@ -96,9 +96,39 @@ class FSDPStrategy(Strategy):
         self.model.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
 
+    def _resharded(self) -> None:
+        """Put every unit back in its sharded state (no communication).
+
+        The root unit keeps its parameters gathered after a forward (``reshard_after_forward=False``),
+        and an evaluation has no backward to reshard them: its trainable tensors (a new head) would
+        then be plain full tensors where the state functions expect DTensor shards.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def snapshot_trainable(self) -> dict:
+        self._resharded()
+        return super().snapshot_trainable()
+
+    def restore_trainable(self, snapshot: dict) -> None:
+        self._resharded()
+        super().restore_trainable(snapshot)
+
+    def save_state(self, folder) -> None:
+        self._resharded()
+        super().save_state(folder)
+
+    def load_state(self, folder) -> None:
+        self._resharded()
+        super().load_state(folder)
+
     def gather_trainable(self) -> Gathered:
         from tunekit.distributed.comm_count import GatheredBytes
 
+        self._resharded()
         out = {}
         with GatheredBytes() as counted:
             for name, p in self.model.named_parameters():

@@ -6,12 +6,15 @@ closed". Workers get the usual ``RANK``/``WORLD_SIZE``/... variables, so the
 training code is the same one an external torchrun, ``accelerate launch``,
 ``deepspeed`` or ``srun`` starts.
 
-``launch`` forks where that is safe (Linux, CUDA not initialised in this
-process: a notebook's functions need no pickling, and nothing is imported
-twice), else spawns (the function must then be importable). It streams the
-workers' output here line by line (``[rank N] ...``), returns rank 0's result,
-stops every worker on Ctrl-C, and turns a failure into one
-``DistributedError`` naming the first failing rank, leaving the caller alive.
+Both fork where that is safe (Linux, CUDA not initialised in this process:
+a notebook's functions need no pickling, and nothing is imported twice), else
+spawn (the function must then be importable). ``launch`` streams the workers'
+output here line by line (``[rank N] ...``), returns rank 0's result, and turns
+a failure into one ``DistributedError`` naming the first failing rank, leaving
+the caller alive; ``launch_command`` lets the workers print to the terminal and
+returns an exit code. SIGTERM / Ctrl-C to the launcher is forwarded to every
+worker, which finishes its step and checkpoints (``SHUTDOWN_TIMEOUT_S`` later a
+worker still running is killed).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +36,10 @@ import torch
 
 from tunekit.distributed.failures import FAILURE_DIR_ENV, DistributedError, first_failure, read_failures, record_exception
 
-SHUTDOWN_TIMEOUT_S = 10
-"""Seconds the launcher waits after SIGTERM before it SIGKILLs a worker that does not stop."""
+SHUTDOWN_TIMEOUT_S = 30
+"""Seconds the launcher waits after forwarding SIGTERM / SIGINT before it SIGKILLs a worker that does not
+stop: a training worker finishes its step and writes a sharded checkpoint in that time."""
+EXIT_INTERRUPTED = 130
 
 
 def safe_start_method() -> str:
@@ -73,6 +79,8 @@ def _worker(fn: Callable, failure_dir: str, threads: int, *args: Any) -> Any:
         torch.set_num_threads(threads)  # N processes on shared cores: no oversubscription
     try:
         return fn(*args)
+    except SystemExit:  # an exit code the function chose (a CLI's); it recorded its own failure
+        raise
     except BaseException as error:  # noqa: BLE001 - recorded for the launcher, then the process ends
         record_exception(error, failure_dir, prefix=False)  # the log streamer adds "[rank N]"
         raise SystemExit(1) from None
@@ -196,6 +204,46 @@ def _entry_for(config_or_fn: Any, args: tuple, overrides: list[str]) -> tuple[Ca
     return _finetune_entry, (config_or_fn, list(overrides))
 
 
+@dataclass
+class _Outcome:
+    """How a job ended: every rank's return value, failed ranks' exit codes, or the signal that stopped it."""
+
+    results: dict[int, Any] | None = None
+    codes: dict[int, int] | None = None
+    stopped_by: int | None = None
+
+
+def _run_job(fn: Callable, fn_args: tuple, *, nproc: int, nnodes: int, node_rank: int | None,
+             rdzv_endpoint: str | None, start_method: str, run_dir: Path, echo: bool, redirect: bool) -> _Outcome:
+    """Run ``fn(*fn_args)`` on ``nproc`` processes of this node under torch's elastic agent."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    failure_dir, logs = run_dir / "failures", run_dir / "logs"
+    specs = DefaultLogsSpecs(log_dir=str(logs), redirects=Std.ALL if redirect else Std.NONE)
+    config = _launch_config(nproc, nnodes, node_rank, rdzv_endpoint, start_method, specs)
+    streamer = LogStreamer(logs, sys.stdout.write, (node_rank or 0) * nproc, nproc) if echo and redirect else None
+    if streamer is not None:
+        streamer.start()
+    gc.collect()  # an earlier job's agent (its rendezvous store runs C++ threads) must be gone before we fork
+    outcome = _Outcome()
+    try:
+        with _kept_signal_handlers(), _quiet_agent(), _real_std_streams(), _env({FAILURE_DIR_ENV: str(failure_dir)}):
+            outcome.results = elastic_launch(config, _worker)(fn, str(failure_dir), _threads_per_worker(nproc),
+                                                              *fn_args)
+    except ChildFailedError as err:
+        outcome.codes = {rank: failure.exitcode for rank, failure in err.failures.items()}
+    except SignalException as err:
+        outcome.stopped_by = err.sigval
+    finally:
+        if streamer is not None:
+            streamer.stop()
+    # Returned, not raised from the except blocks: the launcher's exception (and through its traceback
+    # the agent and its store) is not kept alive as a new error's __context__.
+    return outcome
+
+
 def launch(config_or_fn: Any, *args: Any, nproc: int, overrides: list[str] = (), nnodes: int = 1,
            node_rank: int | None = None, rdzv_endpoint: str | None = None, start_method: str | None = None,
            log_dir: str | Path | None = None, echo: bool = True) -> Any:
@@ -203,7 +251,8 @@ def launch(config_or_fn: Any, *args: Any, nproc: int, overrides: list[str] = (),
 
     Args:
         config_or_fn: a function (called as ``fn(*args)`` on every rank), or a config
-            (``FinetuneConfig``, dict or YAML path) that every rank fine-tunes with ``overrides``.
+            (``FinetuneConfig``, dict or YAML path) that every rank fine-tunes with ``overrides``
+            (the result is rank 0's ``FinetuneResult``).
         nproc: processes on this node.
         nnodes, node_rank, rdzv_endpoint: multi-node jobs (torchrun's meaning).
         start_method: "fork" or "spawn"; default ``safe_start_method()``.
@@ -212,45 +261,24 @@ def launch(config_or_fn: Any, *args: Any, nproc: int, overrides: list[str] = (),
 
     Raises:
         DistributedError: a worker failed; names the first failing rank and its one-line error.
-        KeyboardInterrupt: interrupted; every worker has been stopped.
+        KeyboardInterrupt: interrupted; every worker has been stopped (a fine-tuning worker after
+            finishing its step and writing a checkpoint: call again to resume).
 
     Example:
         >>> import tunekit
         >>> tunekit.launch(sum, [1, 2], nproc=2, echo=False)  # doctest: +SKIP
         3
     """
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-
     check_process_count(nproc)
     run_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="tunekit-launch-"))
-    failure_dir, logs = run_dir / "failures", run_dir / "logs"
     fn, fn_args = _entry_for(config_or_fn, args, list(overrides))
-    specs = DefaultLogsSpecs(log_dir=str(logs), redirects=Std.ALL)
-    config = _launch_config(nproc, nnodes, node_rank, rdzv_endpoint, start_method or safe_start_method(), specs)
-    streamer = LogStreamer(logs, sys.stdout.write, (node_rank or 0) * nproc, nproc) if echo else None
-    if streamer is not None:
-        streamer.start()
-    gc.collect()  # an earlier job's agent (its rendezvous store runs C++ threads) must be gone before we fork
-    codes: dict[int, int] | None = None
-    stopped_by: int | None = None
-    try:
-        with _kept_signal_handlers(), _quiet_agent(), _real_std_streams(), _env({FAILURE_DIR_ENV: str(failure_dir)}):
-            results = elastic_launch(config, _worker)(fn, str(failure_dir), _threads_per_worker(nproc), *fn_args)
-    except ChildFailedError as err:
-        codes = {rank: failure.exitcode for rank, failure in err.failures.items()}
-    except SignalException as err:
-        stopped_by = err.sigval
-    finally:
-        if streamer is not None:
-            streamer.stop()
-    # Raised outside the except blocks: the launcher's exception (and through its traceback the
-    # agent and its store) is not kept alive as the new error's __context__.
-    if codes is not None:
-        raise _failure(codes, failure_dir, run_dir, range(nproc) if nnodes == 1 else None)
-    if stopped_by is not None:
-        raise KeyboardInterrupt(f"stopped by {signal.Signals(stopped_by).name}; every worker was stopped")
+    outcome = _run_job(fn, fn_args, nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                       start_method=start_method or safe_start_method(), run_dir=run_dir, echo=echo, redirect=True)
+    if outcome.codes is not None:
+        raise _failure(outcome.codes, run_dir / "failures", run_dir, range(nproc) if nnodes == 1 else None)
+    if outcome.stopped_by is not None:
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(outcome.stopped_by).name}; every worker was stopped")
+    results = outcome.results
     return results.get(0) if 0 in results else next(iter(results.values()), None)
 
 
@@ -274,29 +302,41 @@ def _quiet_agent() -> Iterator[None]:
         agent_log.setLevel(level)
 
 
+def _cli_worker(target: str, argv: list[str]) -> int:
+    """One rank of a launched command: ``target(argv)``; a non-zero exit code ends the process with it."""
+    from tunekit.distributed.worker import run
+
+    code = run(target, argv)
+    if code:
+        raise SystemExit(code)
+    return 0
+
+
 def launch_command(argv: list[str], *, nproc: int, nnodes: int = 1, node_rank: int | None = None,
                    rdzv_endpoint: str | None = None, log_dir: str | Path | None = None,
                    target: str = "tunekit.cli:main") -> int:
-    """What ``tunekit finetune CONFIG --nproc N`` runs: ``python -m tunekit.distributed.worker TARGET argv`` per rank.
+    """What ``tunekit finetune CONFIG --nproc N`` runs: ``TARGET(argv)`` (a CLI ``main``) on every rank.
 
-    Workers print straight to this terminal. Returns 0, or 1 after printing the first
-    failing rank's one-line error (``tunekit: rank R failed: ...``).
+    Workers are forked where that is safe (nothing is imported twice), else spawned, and print
+    straight to this terminal (only rank 0 prints; its progress bar works). Returns 0; 130 when a
+    signal stopped the job (every rank finished its step and checkpointed: the same command
+    resumes); the workers' common exit code when they all failed alike (2: a refused config);
+    else 1, after printing the first failing rank's one-line error (``tunekit: rank R failed: ...``).
     """
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-
     check_process_count(nproc)
     run_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="tunekit-launch-"))
-    failure_dir = run_dir / "failures"
-    config = _launch_config(nproc, nnodes, node_rank, rdzv_endpoint, "spawn", DefaultLogsSpecs(log_dir=str(run_dir / "logs")))
-    entry = [sys.executable, "-m", "tunekit.distributed.worker", target, *argv]
-    try:
-        with _quiet_agent(), _env({FAILURE_DIR_ENV: str(failure_dir)}):
-            elastic_launch(config, entry[0])(*entry[1:])
-    except ChildFailedError as err:
-        codes = {rank: failure.exitcode for rank, failure in err.failures.items()}
-        error = _failure(codes, failure_dir, run_dir, range(nproc) if nnodes == 1 else None)
-        print(f"tunekit: {error}", file=sys.stderr)
-        return 1
-    return 0
+    outcome = _run_job(_cli_worker, (target, list(argv)), nproc=nproc, nnodes=nnodes, node_rank=node_rank,
+                       rdzv_endpoint=rdzv_endpoint, start_method=safe_start_method(), run_dir=run_dir, echo=False,
+                       redirect=False)
+    if outcome.stopped_by is not None:
+        print(f"tunekit: stopped by {signal.Signals(outcome.stopped_by).name}: run the same command again to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if outcome.codes is None:
+        return 0
+    codes = set(outcome.codes.values())
+    if codes == {EXIT_INTERRUPTED}:  # a rank got the signal itself; all stopped and checkpointed together
+        return EXIT_INTERRUPTED
+    error = _failure(outcome.codes, run_dir / "failures", run_dir, range(nproc) if nnodes == 1 else None)
+    print(f"tunekit: {error}", file=sys.stderr)
+    return codes.pop() if len(codes) == 1 and codes <= {2} else 1

@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -47,8 +48,12 @@ def base_shards(base_dir: Path) -> list[str]:
                             "saved with safetensors (the unquantized base)")
 
 
-def stream_merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> MergeReport:
+def stream_merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
+                 dtype: torch.dtype | None = None) -> MergeReport:
     """Write ``base_dir`` with the LoRA / DoRA adapter of ``adapter_dir`` merged in to ``out_dir``, shard by shard.
+
+    ``dtype``: the floating-point weights are first cast to it (the merge itself runs in fp32),
+    as loading the base in that dtype would; None keeps the files' dtypes.
 
     Raises:
         ValueError: not a mergeable adapter, a mis-shaped or non-finite one, or adapter tensors
@@ -72,6 +77,8 @@ def stream_merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | P
         with safe_open(str(base / name), framework="pt") as f:
             metadata = f.metadata() or {"format": "pt"}
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         largest = max(largest, sum(t.numel() * t.element_size() for t in state.values()))
         merged = merge_state_dict(state, adapter_state, cfg, fan_in_fan_out=fan_in_fan_out)
         save_file(merged.state, str(tmp / name), metadata=metadata)

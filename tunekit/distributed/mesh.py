@@ -88,6 +88,8 @@ class Runtime:
     mesh: object | None = None  # torch DeviceMesh (imported lazily)
     dp_mesh: object | None = None  # the dp dims flattened into one
     backend: str | None = None
+    owns_group: bool = False
+    """This runtime created the process group (and so destroys it); one a caller made is left alone."""
 
     @property
     def rank(self) -> int:
@@ -146,7 +148,8 @@ def start_runtime(options: DistributedOptions, env: DistEnv | None = None) -> Ru
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         _export_env(env)
         # env:// and not tcp://: under torchrun the workers join the agent's store on MASTER_PORT.
         dist.init_process_group(
@@ -154,7 +157,7 @@ def start_runtime(options: DistributedOptions, env: DistEnv | None = None) -> Ru
             timeout=timedelta(seconds=options.timeout_s), device_id=device if device.type == "cuda" else None,
         )
     mesh = init_device_mesh(device.type, (shape.dp_replicate, shape.dp_shard, shape.tp), mesh_dim_names=DIMS)
-    return Runtime(env, device, shape, mesh, mesh[DP_DIMS]._flatten("dp"), backend)
+    return Runtime(env, device, shape, mesh, mesh[DP_DIMS]._flatten("dp"), backend, owns_group)
 
 
 def _export_env(env: DistEnv) -> None:
@@ -166,6 +169,7 @@ def _export_env(env: DistEnv) -> None:
 
 
 def stop_runtime(runtime: Runtime) -> None:
-    """Leave the process group (not a collective: safe after an error on another rank)."""
-    if runtime.mesh is not None and dist.is_initialized():
+    """Leave the process group this runtime created (not a collective: safe after an error on another rank)."""
+    if runtime.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+        runtime.owns_group = False

@@ -80,6 +80,8 @@ class DistributedOptions:
         """Options from a ``distributed:`` section and (optionally) a ``train:`` section (duck-typed)."""
         names = {f.name for f in fields(cls)}
         values = {n: getattr(distributed, n) for n in names if hasattr(distributed, n)}
+        if values.get("deepspeed_config") is not None:  # a Path in the config tree
+            values["deepspeed_config"] = str(values["deepspeed_config"])
         if train is not None:
             values.update(mixed_precision=train.mixed_precision, gradient_checkpointing=train.gradient_checkpointing,
                           micro_batch_size=train.batch_size, max_grad_norm=train.max_grad_norm)

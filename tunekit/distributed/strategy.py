@@ -1,6 +1,6 @@
 """The strategy interface: everything device- and process-related the trainer does.
 
-One object per run. The trainer (phase 2) drives it like this, on every rank::
+One object per run. ``tunekit.train.Trainer`` drives it like this, on every rank::
 
     model, optimizer = strategy.prepare(model, build_optimizer)
     for each optimizer step:
@@ -23,8 +23,9 @@ FSDP is set to sum). Subclasses override the hooks marked "per strategy".
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -156,22 +157,34 @@ class Strategy:
         self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ agreement across ranks
-    def all_reduce_sums(self, values: dict[str, float]) -> dict[str, float]:
-        """Each value summed over the data-parallel ranks (one collective for the whole dict)."""
-        if self.runtime.world_size == 1:
-            return dict(values)
+    def all_reduce_sums(self, values: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
+        """Each value summed over the data-parallel ranks: one collective and one host read for the whole dict.
+
+        Values may be numbers or 0-d tensors still on the device (a loss sum): they are
+        packed there as float64, so nothing waits for the device before the collective.
+        """
         keys = sorted(values)
-        packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(packed, group=self.runtime.dp_group())
+        packed = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=self.device).reshape(())
+                              for k in keys])
+        if self.runtime.world_size > 1:
+            dist.all_reduce(packed, group=self.runtime.dp_group())
         return dict(zip(keys, packed.tolist()))
 
-    def agree(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any (a stop signal, early stopping)."""
+    def gather_floats(self, value: float) -> list[float]:
+        """``value`` from every rank, in rank order (a collective; one rank: ``[value]``)."""
         if self.runtime.world_size == 1:
-            return bool(flag)
-        packed = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
-        return bool(packed.item())
+            return [float(value)]
+        out = [torch.zeros((), dtype=torch.float64, device=self.device) for _ in range(self.runtime.world_size)]
+        dist.all_gather(out, torch.tensor(float(value), dtype=torch.float64, device=self.device))
+        return [float(t) for t in out]
+
+    def broadcast_object(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a run id, anything decided once); picklable values only."""
+        if self.runtime.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
 
     def barrier(self) -> None:
         if self.runtime.world_size > 1:
@@ -194,16 +207,35 @@ class Strategy:
             params[name].copy_(value)
 
     def save_state(self, folder) -> None:  # per strategy
-        """Write the trainable model state and the optimizer state under ``folder`` (collective)."""
-        from tunekit.distributed.checkpoint import save_dcp
+        """Write the trainable parameters and the optimizer state to the DCP folder ``folder`` (collective)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        save_dcp(folder, self.model, self.wrapped, self.optimizer)
+        from tunekit.distributed.checkpoint import save_dcp, trainable_model_state
+
+        save_dcp(folder, {"model": trainable_model_state(self.model, self.wrapped),
+                          "optim": get_optimizer_state_dict(self.wrapped, self.optimizer)})
 
     def load_state(self, folder) -> None:  # per strategy
-        """Inverse of ``save_state``; only frozen parameters may be absent from the checkpoint."""
-        from tunekit.distributed.checkpoint import load_dcp
+        """Inverse of ``save_state``, from a folder written on any number of processes under any strategy.
 
-        load_dcp(folder, self.model, self.wrapped, self.optimizer)
+        Raises:
+            ValueError: the checkpoint lacks a trainable tensor of this model or holds one it lacks.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from tunekit.distributed.checkpoint import check_trainable_fit, load_dcp, trainable_model_state
+
+        check_trainable_fit(folder, self.model, self.trainable_shapes)
+        # The parameters are filled in place (DCP reads into the state dict's tensors); the
+        # optimizer state is created (a zero-lr step) and then overwritten.
+        state = {"model": trainable_model_state(self.model, self.wrapped),
+                 "optim": get_optimizer_state_dict(self.wrapped, self.optimizer)}
+        load_dcp(folder, state)
+        set_optimizer_state_dict(self.wrapped, self.optimizer, state["optim"], options=StateDictOptions(strict=False))
 
     def close(self) -> None:
         """Leave the process group; never a collective, so it is safe after another rank failed."""

@@ -88,17 +88,39 @@ class TensorParallelMixin:
                     out[name] = self.canonical(name, p.detach().to(self.device)).to("cpu")
         return Gathered(out, counted.bytes)
 
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        from tunekit.distributed.checkpoint import trainable_model_state
+
+        return {"model": trainable_model_state(self.model, self.wrapped),
+                "optim": get_optimizer_state_dict(self.wrapped, self.optimizer)}
+
     def save_state(self, folder) -> None:
         from tunekit.distributed.checkpoint import save_dcp
         from tunekit.distributed.tp_checkpoint import PackedLayout
 
-        save_dcp(folder, self.model, self.wrapped, self.optimizer, layout=PackedLayout(self))
+        self._before_state()
+        state = self._state()
+        PackedLayout(self).to_saved(state)
+        save_dcp(folder, state)
 
     def load_state(self, folder) -> None:
-        from tunekit.distributed.checkpoint import load_dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        from tunekit.distributed.checkpoint import check_trainable_fit, load_dcp
         from tunekit.distributed.tp_checkpoint import PackedLayout
 
-        load_dcp(folder, self.model, self.wrapped, self.optimizer, layout=PackedLayout(self))
+        self._before_state()
+        check_trainable_fit(folder, self.model, self.trainable_shapes)
+        state = self._state()
+        finish = PackedLayout(self).to_loaded(state)  # canonical buffers DCP reads into
+        load_dcp(folder, state)
+        finish()
+        set_optimizer_state_dict(self.wrapped, self.optimizer, state["optim"], options=StateDictOptions(strict=False))
+
+    def _before_state(self) -> None:
+        """Hook: put the model in the state its state dicts are read in (FSDP: resharded)."""
 
 
 class TPStrategy(TensorParallelMixin, Strategy):
@@ -120,3 +142,10 @@ class FSDPTPStrategy(TensorParallelMixin, FSDPStrategy):
     def _wrap(self, model: nn.Module, build_optimizer: OptimizerFactory):
         self._parallelize(model)
         return super()._wrap(model, build_optimizer)
+
+    def _before_state(self) -> None:
+        self._resharded()
+
+    def gather_trainable(self) -> Gathered:
+        self._resharded()
+        return TensorParallelMixin.gather_trainable(self)

@@ -97,7 +97,7 @@ class _Rows:
     def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
         return {k: v[rows].clone() for k, v in self.batch.items()}  # a fresh batch per step, as a collate makes
 
-    def train_order(self, epoch: int, seed: int) -> list[int]:
+    def train_order(self, epoch: int, seed: int, step_rows: int | None = None) -> list[int]:
         return list(self.train)
 
 
@@ -110,12 +110,13 @@ def measure_training_step(model: nn.Module, batch: dict[str, torch.Tensor], task
         task: causal_lm | seq_cls | seq2seq.
         train_cfg: the ``TrainConfig`` (optimizer, precision, checkpointing, fused loss).
     """
+    from tunekit.distributed.data import MicroBatch
     from tunekit.train import Trainer
 
     data = _Rows(batch, task)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, data, train_cfg, out)
-        window = [data.train]
+        window = [MicroBatch(data.train)]  # one optimizer step of one micro-batch
         trainer.train_step(window)  # creates the optimizer state
         if torch.cuda.is_available() and next(model.parameters()).is_cuda:
             torch.cuda.synchronize()

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CardSpec", "RunFacts", "build_card", "merge_cards", "run_facts"]
+__all__ = ["CardSpec", "RunFacts", "adapter_spec", "build_card", "local_card", "merge_cards", "merged_record",
+           "merged_spec", "method_tag", "run_facts"]
 
 START, END = "<!-- tunekit:start -->", "<!-- tunekit:end -->"
 PIPELINE_TAGS = {"causal_lm": "text-generation", "seq_cls": "text-classification",
@@ -96,6 +97,60 @@ class CardSpec:
     facts: RunFacts = field(default_factory=RunFacts)
     endpoint: str = "https://huggingface.co"
     """The Hub the card links to."""
+    local: bool = False
+    """A card written into the run folder: ``repo_id`` is the folder's path, loaded from disk."""
+    local_base: str | None = None
+    """The base as the run recorded it, when it has no Hub id (a local folder, ``pkg:``)."""
+
+
+def method_tag(adapter: dict[str, Any], model: dict[str, Any]) -> str:
+    """The card's method tag: lora, dora, qlora, prefix-tuning, prompt-tuning, adapter."""
+    method = adapter.get("method")
+    if method == "lora":
+        if adapter.get("use_dora"):
+            return "dora"
+        return "qlora" if (model.get("quantization") or {}).get("bits") == 4 else "lora"
+    return {"prefix": "prefix-tuning", "prompt": "prompt-tuning", "bottleneck": "adapter"}.get(method, method)
+
+
+def adapter_spec(folder: Path, run: Path | None, repo_id: str, base_model: str | None, *, revision: str = "main",
+                 train_stats: dict | None = None, license: str | None = None, **extra) -> CardSpec:
+    """The card of an adapter folder whose files name ``base_model`` (the push's and the run folder's)."""
+    from tunekit.adapter_check import recorded_base
+    from tunekit.adapters import read_adapter_config
+    from tunekit.hub.manifest import public_json
+
+    task, labels, model = recorded_base(folder)
+    method, adapter_cfg = read_adapter_config(folder)
+    adapter = public_json(adapter_cfg.model_dump(mode="json"), base_model)  # the card shows it: no local paths
+    return CardSpec(repo_id=repo_id, kind="adapter", base_model=base_model, task=task,
+                    method_tag=method_tag(adapter, model), adapter=adapter, peft_format=method.peft_type is not None,
+                    revision=revision, label_names=labels, license=license, facts=run_facts(run, train_stats), **extra)
+
+
+def merged_record(run: Path | None) -> tuple[str | None, dict | None, dict | None]:
+    """(task, model record, public adapter config) of the adapter a run's merged model came from."""
+    from tunekit.hub.manifest import BASE_INFO_NAME
+
+    record_dir = run / "adapter" if run is not None else None
+    if record_dir is None or not (record_dir / BASE_INFO_NAME).is_file():
+        return None, None, None
+    from tunekit.adapters import read_adapter_config
+
+    record = json.loads((record_dir / BASE_INFO_NAME).read_text(encoding="utf-8"))
+    return record.get("task"), record["model"], read_adapter_config(record_dir)[1].model_dump(mode="json")
+
+
+def merged_spec(run: Path | None, repo_id: str, base_model: str | None, task: str, *, revision: str = "main",
+                train_stats: dict | None = None, license: str | None = None, **extra) -> CardSpec:
+    """The card of a run's merged model (the push's and the run folder's)."""
+    from tunekit.hub.manifest import public_json
+
+    _, model, adapter = merged_record(run)
+    adapter = public_json(adapter, base_model) if adapter else None
+    return CardSpec(repo_id=repo_id, kind="merged", base_model=base_model, task=task,
+                    method_tag=method_tag(adapter, model or {}) if adapter else None, adapter=adapter,
+                    peft_format=False, revision=revision, license=license, facts=run_facts(run, train_stats), **extra)
 
 
 def _datasets(facts: RunFacts) -> list[str] | None:
@@ -135,8 +190,24 @@ def _rev(spec: CardSpec) -> str:
     return "" if spec.revision == "main" else f', revision="{spec.revision}"'
 
 
+def _local_snippets(spec: CardSpec, auto: str) -> list[str]:
+    if spec.kind != "adapter":
+        return ["With transformers (the chat template, if the run had one, is in the tokenizer):", "", "```python",
+                f"from transformers import {auto}, AutoTokenizer", "",
+                f'model = {auto}.from_pretrained("{spec.repo_id}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{spec.repo_id}")', "```", ""]
+    verb = "chat" if spec.task == "causal_lm" else "generate"
+    return ["From the command line (prompts are built as in training):", "", "```bash",
+            f'tunekit {verb} {spec.repo_id}' + (' --prompt "..."' if verb == "generate" else ""), "```", "",
+            "From Python:", "", "```python", "from tunekit.inference import load_adapted, predict", "",
+            f'loaded = load_adapted("{spec.repo_id}")  # base + adapter, as trained',
+            'print(predict(loaded, ["..."]))', "```", ""]
+
+
 def _snippets(spec: CardSpec) -> list[str]:
     auto = AUTO_CLASSES.get(spec.task or "causal_lm", "AutoModel")
+    if spec.local:
+        return _local_snippets(spec, auto)
     if spec.kind != "adapter":
         return ["With transformers:", "", "```python", f"from transformers import {auto}, AutoTokenizer", "",
                 f'model = {auto}.from_pretrained("{spec.repo_id}"{_rev(spec)})',
@@ -206,7 +277,10 @@ _METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA", "prefix-tunin
 
 
 def _summary(spec: CardSpec) -> str:
-    base = f"[{spec.base_model}]({spec.endpoint}/{spec.base_model})" if spec.base_model else "its base model"
+    if spec.base_model:
+        base = f"[{spec.base_model}]({spec.endpoint}/{spec.base_model})"
+    else:
+        base = f"the base model `{spec.local_base}`" if spec.local_base else "its base model"
     what = _METHOD_NAMES.get(spec.method_tag or "", spec.method_tag)
     if spec.kind == "adapter":
         return f"A {what or 'tunekit'} adapter for {base}, trained with tunekit."
@@ -218,7 +292,8 @@ def _summary(spec: CardSpec) -> str:
 
 def tunekit_section(spec: CardSpec) -> str:
     """The part of the card body tunekit owns (between the START and END markers)."""
-    lines = [START, f"# {spec.repo_id.split('/')[-1]}", "", _summary(spec), "", "## Use it", "",
+    title = Path(spec.repo_id).parent.name if spec.local else spec.repo_id.split("/")[-1]
+    lines = [START, f"# {title}", "", _summary(spec), "", "## Use it", "",
              *_snippets(spec)]
     if spec.kind != "base":
         lines += ["## Training", "", *_training(spec), *_results(spec)]
@@ -252,3 +327,9 @@ def merge_cards(new, remote_text: str | None, overwrite: bool = False):
     from huggingface_hub import ModelCardData
 
     return ModelCard(f"---\n{ModelCardData(**meta).to_yaml()}\n---\n\n{body.lstrip()}")
+
+
+def local_card(spec: CardSpec) -> str:
+    """The README.md text of a run's ``adapter/`` or ``merged/`` folder: the card a push builds, for the
+    folder on disk (``spec.local``)."""
+    return str(build_card(spec))

@@ -11,12 +11,11 @@ base, which exists only in the run folder, to ``<hub.repo_id>-base``.
 
 from __future__ import annotations
 
-import os
-import platform
 from typing import Any
 
 from tunekit.hub.access import PushError, check_online, hub_api, parse_repo_id, require_token, writable_namespace
 from tunekit.hub.push import PushResult, push_to_hub
+from tunekit.run_report import train_stats
 
 __all__ = ["PushAfterRunError", "check_push_config", "push_after_finetune", "train_stats"]
 
@@ -39,21 +38,6 @@ def check_push_config(hub_cfg, api=None) -> None:
         writable_namespace(hub_api(api), parse_repo_id(hub_cfg.repo_id or "", "hub.repo_id"))
     except PushError as err:
         raise PushError(f"hub.push=true: {err}") from None
-
-
-def _hardware() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
-
-
-def train_stats(trained) -> dict[str, Any]:
-    """The card's "Hardware and time" facts from a ``TrainResult``."""
-    return {"steps": trained.global_step, "train_seconds": round(trained.train_seconds, 1),
-            "tokens_per_second": round(trained.tokens_per_second, 1),
-            "peak_memory_mib": round(trained.peak_memory_mib), "hardware": _hardware()}
 
 
 def push_after_finetune(cfg, result, *, is_main_process: bool = True, api=None) -> list[PushResult]:

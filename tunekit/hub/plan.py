@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from tunekit.hub.access import PushError, hub_failure
-from tunekit.hub.card import CardSpec, RunFacts, run_facts
-from tunekit.hub.manifest import (BASE_INFO_NAME, Manifest, adapter_manifest, hub_id_or_none, model_manifest,
-                                  public_json)
+from tunekit.hub.card import CardSpec, RunFacts, adapter_spec, merged_record, merged_spec
+from tunekit.hub.manifest import Manifest, adapter_manifest, hub_id_or_none, model_manifest
 
 __all__ = ["LOSS_CURVE", "Plan", "plan_adapter", "plan_model", "recorded_source"]
 
@@ -41,15 +40,6 @@ def recorded_source(folder: Path) -> tuple[str | None, dict[str, Any]]:
 
     _, _, model = recorded_base(folder)
     return model.get("name_or_path"), model
-
-
-def _method_tag(adapter: dict[str, Any], model: dict[str, Any]) -> str:
-    method = adapter.get("method")
-    if method == "lora":
-        if adapter.get("use_dora"):
-            return "dora"
-        return "qlora" if (model.get("quantization") or {}).get("bits") == 4 else "lora"
-    return {"prefix": "prefix-tuning", "prompt": "prompt-tuning", "bottleneck": "adapter"}.get(method, method)
 
 
 def _fetch(api, repo_id: str, name: str, revision: str | None, into: Path) -> Path:
@@ -135,10 +125,9 @@ def plan_adapter(api, folder: Path, run: Path | None, repo_id: str, revision: st
     from transformers import AutoConfig
 
     from tunekit.adapter_check import check_adapter_folder, recorded_base
-    from tunekit.adapters import read_adapter_config
     from tunekit.models import resolve_source
 
-    task, labels, model = recorded_base(folder)
+    _, _, model = recorded_base(folder)
     local = model.get("name_or_path")
     base_revision = model.get("revision") if base_id == local else None
     notes: list[str] = []
@@ -149,14 +138,8 @@ def plan_adapter(api, folder: Path, run: Path | None, repo_id: str, revision: st
         config = _base_config(api, base_id, base_revision, local if local != base_id else None, model, notes)
     for sub in _adapter_folders(folder):
         check_adapter_folder(sub, config)
-    method, adapter_cfg = read_adapter_config(folder)
-    adapter = public_json(adapter_cfg.model_dump(mode="json"), base_id)  # the card shows it: no local paths
-    facts = run_facts(run, train_stats)
-    spec = CardSpec(repo_id=repo_id, kind="adapter", base_model=base_id, task=task,
-                    method_tag=_method_tag(adapter, model), adapter=adapter,
-                    peft_format=method.peft_type is not None, revision=revision, label_names=labels,
-                    license=_license(api, None if local_base else base_id, local), facts=facts,
-                    endpoint=api.endpoint)
+    spec = adapter_spec(folder, run, repo_id, base_id, revision=revision, train_stats=train_stats,
+                        license=_license(api, None if local_base else base_id, local), endpoint=api.endpoint)
     return _finish(Plan(adapter_manifest(folder, base_id, base_revision, repo_id), spec, notes=notes))
 
 
@@ -190,15 +173,7 @@ def plan_model(api, folder: Path, run: Path | None, repo_id: str, revision: str,
     """Plan the push of a model folder: a merged model (``kind="merged"``) or a base (``"base"``)."""
     from tunekit.hub.manifest import check_model_weights
 
-    record_dir = run / "adapter" if run is not None else None
-    adapter: dict[str, Any] | None = None
-    task = model = None
-    if record_dir is not None and (record_dir / BASE_INFO_NAME).is_file() and kind == "merged":
-        from tunekit.adapters import read_adapter_config
-
-        record = json.loads((record_dir / BASE_INFO_NAME).read_text(encoding="utf-8"))
-        task, model = record.get("task"), record["model"]
-        adapter = public_json(read_adapter_config(record_dir)[1].model_dump(mode="json"), base_model)
+    task, model, _ = merged_record(run) if kind == "merged" else (None, None, None)
     notes: list[str] = []
     base_id = base_model or hub_id_or_none((model or {}).get("name_or_path"))
     if kind == "merged" and base_id is None:
@@ -206,9 +181,12 @@ def plan_model(api, folder: Path, run: Path | None, repo_id: str, revision: str,
                      "no base_model; pass --base-model HUB_ID to name it")
     manifest = model_manifest(folder, base_id)
     check_model_weights(manifest)
-    spec = CardSpec(repo_id=repo_id, kind=kind, base_model=base_id, task=_model_task(folder, task),
-                    method_tag=_method_tag(adapter, model or {}) if adapter else None, adapter=adapter,
-                    peft_format=False, revision=revision,
-                    license=_license(api, base_id, (model or {}).get("name_or_path") or str(folder)),
-                    facts=run_facts(run, train_stats) if kind == "merged" else RunFacts(), endpoint=api.endpoint)
+    license_ = _license(api, base_id, (model or {}).get("name_or_path") or str(folder))
+    if kind == "merged":
+        spec = merged_spec(run, repo_id, base_id, _model_task(folder, task), revision=revision,
+                           train_stats=train_stats, license=license_, endpoint=api.endpoint)
+    else:
+        spec = CardSpec(repo_id=repo_id, kind=kind, base_model=base_id, task=_model_task(folder, task),
+                        method_tag=None, adapter=None, peft_format=False, revision=revision, license=license_,
+                        endpoint=api.endpoint)
     return _finish(Plan(manifest, spec, notes=notes))

@@ -61,8 +61,10 @@ class ModelConfig(BaseModel):
     quantization: QuantizationConfig | None = None
     """Quantize the frozen base with bitsandbytes (e.g. {bits: 4} for QLoRA); null = full precision."""
 
-    attn_implementation: Literal["eager", "sdpa", "tunekit"] | None = None
-    """Attention backend: eager, sdpa, or tunekit's FlashAttention kernel; null = transformers' default."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "tunekit"] | None = "auto"
+    """Attention backend: eager, sdpa, or tunekit's FlashAttention kernel; null = transformers' default;
+    auto = tunekit's varlen attention when the training rows are packed and the model gives the same
+    results with it (checked when the run starts), else transformers' default."""
 
     kernels: bool = False
     """Swap supported modules (RMSNorm, SwiGLU MLP, ...) for tunekit's fused kernels after loading."""

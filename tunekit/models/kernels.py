@@ -16,9 +16,10 @@ inside each attention forward, which only monkey-patching could replace. The
 op is ``tunekit.kernels.rope``; the report says so.
 
 ``fused_causal_lm_loss(model, batch)`` computes ``model(**batch).loss`` without
-the (B, T, V) logits: the body's final hidden states go to the chunked fused
-linear + cross-entropy with the output head (and its LoRA branch, if the head
-is a tunekit ``LoRALayer``).
+the (B, T, V) logits: the body's final hidden states at the target positions
+(``tunekit.models.heads.target_positions``) go to the chunked fused linear +
+cross-entropy with the output head (and its LoRA branch, if the head is a
+tunekit ``LoRALayer``).
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import importlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tunekit.adapters.hf.arch import KernelModules, arch_column, supporting
 from tunekit.adapters.hf.tasks import IGNORE_INDEX
 from tunekit.adapters.injection import replace_module
 from tunekit.kernels import fused_linear_cross_entropy, glu, rmsnorm
+from tunekit.models.heads import hf_model, target_positions
 
 OPS = ("rmsnorm", "swiglu", "rope")
 _ROPE_REASON = (
@@ -177,13 +178,6 @@ def revert_kernels(model: nn.Module) -> int:
     return len(names)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP-style wrappers keep the HF model in .module; the wrapper's own forward must still run.
-    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
-
-
 def _head_operands(head: nn.Module):
     """(weight (V, H), bias | None, (lora_a (r, H), lora_b (V, r), scaling) | None) of the output head."""
     from tunekit.adapters.lora import LoRALayer, LoRAVariant
@@ -210,20 +204,10 @@ def _head_operands(head: nn.Module):
     return head.weight, head.bias, lora
 
 
-def _final_hidden(model: nn.Module, hf: nn.Module, inputs: dict) -> torch.Tensor:
-    """Run ``model`` (wrappers and hooks included) with a 1-position head; capture the body's output.
+def _is_sharded(tensor: torch.Tensor | None) -> bool:
+    from torch.distributed.tensor import DTensor
 
-    Going through the top-level forward keeps DDP's reducer, prompt-tuning hosts and
-    hooks working; ``logits_to_keep=1`` makes the head's own matmul negligible.
-    """
-    captured = []
-    body = getattr(hf, hf.base_model_prefix)
-    handle = body.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
-    try:
-        model(**inputs, logits_to_keep=1, use_cache=False)
-    finally:
-        handle.remove()
-    return captured[-1]
+    return isinstance(tensor, DTensor)
 
 
 def fused_causal_lm_loss(
@@ -243,23 +227,20 @@ def fused_causal_lm_loss(
     Returns:
         scalar fp32 mean loss over the non-ignored targets.
     """
-    hf = _unwrap(model)
+    hf = hf_model(model)
     kernel_spec(hf)
     if getattr(hf.config, "final_logit_softcapping", None) is not None:
         raise ValueError("fused cross-entropy does not implement final_logit_softcapping; "
                          "set train.fused_cross_entropy: false")
     if "labels" not in batch:
         raise ValueError("fused_causal_lm_loss needs 'labels' in the batch")
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = _final_hidden(model, hf, inputs)  # (B, T', H)
+    picked = target_positions(model, batch, {"use_cache": False}, skip_head=True)  # hidden (N, H), targets (N,)
     weight, bias, lora = _head_operands(hf.get_output_embeddings())
-    labels = batch["labels"].to(hidden.device)
-    extra = hidden.shape[1] - labels.shape[1]
-    if extra > 0:  # virtual tokens prepended by prompt tuning: no targets of their own, as in PEFT
-        labels = F.pad(labels, (extra, 0), value=IGNORE_INDEX)
-    labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # position t predicts token t+1
+    if any(_is_sharded(t) for t in (weight, *(lora or ())[:2])):
+        raise ValueError("fused cross-entropy reads the output head's weight outside its forward, which a sharded "
+                         "head (distributed.strategy fsdp / tp) frees by then; set train.fused_cross_entropy: false")
     lora_a, lora_b, scaling = lora if lora is not None else (None, None, 1.0)
     return fused_linear_cross_entropy(
-        hidden, weight, labels, bias, lora_a, lora_b, scaling, IGNORE_INDEX, label_smoothing, z_loss,
+        picked.hidden, weight, picked.targets, bias, lora_a, lora_b, scaling, IGNORE_INDEX, label_smoothing, z_loss,
         chunk_size=chunk_size,
     )

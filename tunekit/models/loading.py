@@ -114,7 +114,7 @@ def _instantiate(cfg: ModelConfig, source: str | None, config, task: str, new_he
 
     auto = getattr(transformers, TASKS[task].auto_class)
     kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype]}
-    if cfg.attn_implementation is not None:
+    if cfg.attn_implementation not in (None, "auto"):  # auto: chosen once the data is known (models.fastpath)
         kwargs["attn_implementation"] = _attention(cfg.attn_implementation)
     try:
         if cfg.from_config:
@@ -122,7 +122,7 @@ def _instantiate(cfg: ModelConfig, source: str | None, config, task: str, new_he
             return auto.from_config(config, dtype=None if dtype == "auto" else dtype,
                                     trust_remote_code=cfg.trust_remote_code, **kwargs)
         if cfg.quantization is not None:
-            kwargs.update(_quantization(cfg))
+            kwargs.update(_quantization(cfg, task))
         if new_head:
             kwargs["ignore_mismatched_sizes"] = True
         return auto.from_pretrained(source, config=config, revision=cfg.revision,
@@ -147,16 +147,25 @@ def _attention(name: str) -> str:
     return name
 
 
-def _quantization(cfg: ModelConfig) -> dict[str, Any]:
+# A classifier's head modules (BERT, RoBERTa, DistilBERT; decoders' `score`): new, trained in full, never quantized.
+_CLASSIFIER_HEADS = ["classifier", "pre_classifier", "score"]
+
+
+def _quantization(cfg: ModelConfig, task: str) -> dict[str, Any]:
     from transformers import BitsAndBytesConfig
 
     q = cfg.quantization
+    # transformers keeps "the last module" in full precision by taking the last *parameter* name and
+    # stripping ".weight": a head with a bias (`classifier.bias`) is missed, quantized, and then filled
+    # with newly initialised plain Parameters a bitsandbytes layer cannot use ("no attribute quant_state"
+    # / "CB"). A classification head is named explicitly instead, as PEFT's QLoRA-classifier recipes do.
+    skip = {"llm_int8_skip_modules": _CLASSIFIER_HEADS} if task == "seq_cls" else {}
     if q.bits == 8:
-        bnb = BitsAndBytesConfig(load_in_8bit=True)
+        bnb = BitsAndBytesConfig(load_in_8bit=True, **skip)
     else:
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                                  bnb_4bit_use_double_quant=q.double_quant,
-                                 bnb_4bit_compute_dtype=_DTYPES[q.compute_dtype])
+                                 bnb_4bit_compute_dtype=_DTYPES[q.compute_dtype], **skip)
     kwargs: dict[str, Any] = {"quantization_config": bnb}
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}

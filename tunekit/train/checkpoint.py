@@ -1,31 +1,34 @@
-"""Checkpoints: atomic writes, keep-last-K, and everything needed to resume exactly.
+"""Checkpoints: atomic writes from every rank, keep-last-K, and everything needed to resume exactly.
 
-A checkpoint is one folder ``<root>/step-<N>/``::
+A checkpoint is one folder ``<root>/step-<N>/``, the same for every strategy and
+any number of processes::
 
-    adapter/                  save_adapters() output (PEFT format where the method has one)
-    trainable.safetensors     every trainable parameter by name (what resume loads)
-    optimizer.pt              optimizer state (tensors only; loaded with weights_only=True)
-    trainer_state.pt          scheduler state + RNG states (python, numpy, torch, cuda)
-    progress.json             run id, global step, epoch, step in epoch, early-stopping state, history
-    config.json               the run's resolved config (at least its train section)
+    state/                    trainable parameters + optimizer state in torch DCP format, each rank
+                              writing its shards (``tunekit.distributed.checkpoint``); loads on any number
+                              of processes under any strategy
+    adapter/                  the gathered adapter, as the final save writes it (PEFT format where the
+                              method has one), when the model has adapters
+    rng-rank<r>.pt            every rank's RNG states (python, numpy, torch, cuda)
+    trainer_state.pt          scheduler state and the number of processes that wrote the checkpoint
+    config.json               the run's resolved config
+    progress.json             run id, global step, epoch, samples consumed in the epoch, early-stopping
+                              state, history; written last: its presence marks the folder complete
 
-The trainable parameters are stored by parameter name in addition to the
-adapter export because resume must restore exactly what the optimizer
-updates, whatever method (or no adapter at all) produced it; the adapter
-folder is the user-facing artefact. Nothing is unpickled as code: tensors go
-to safetensors, and the two ``.pt`` files hold only tensors and plain values.
+The frozen base is never in a checkpoint (it is reloaded from its source). Nothing
+is unpickled as code: the two ``.pt`` files hold only tensors and plain values.
 
-Atomicity: the folder is written under ``.tmp-step-<N>`` and renamed into
-place, so a crash leaves either a complete checkpoint or none; readers only
-consider ``step-<N>`` folders that contain ``progress.json``. A folder that
-looks complete but cannot be read (a truncated file) is refused by
-``read_checkpoint`` with the way out, never half-loaded.
+Atomicity: every rank writes into ``.tmp-step-<N>``; after a barrier rank 0 writes
+the small files, renames the folder into place and prunes, then a barrier (the
+folder must be on a file system all ranks share). A crash leaves either a complete
+checkpoint or none; readers only consider ``step-<N>`` folders that contain
+``progress.json``. A folder that looks complete but cannot be read (a truncated
+file) is refused by ``read_checkpoint`` with the way out, never half-loaded.
 
 Runs: every checkpoint records the id of the run that wrote it (a resumed run
-keeps its id). ``keep_last`` prunes only the run's own checkpoints, and a run
-never starts in a folder holding another run's checkpoints
-(``other_runs_checkpoints``), so ``resume: auto`` can never pick up a
-checkpoint of a different run.
+keeps its id; rank 0's id, broadcast, so every rank agrees). ``keep_last``
+prunes only the run's own checkpoints, and a run never starts in a folder
+holding another run's checkpoints (``other_runs_checkpoints``), so
+``resume: auto`` can never pick up a checkpoint of a different run.
 """
 
 from __future__ import annotations
@@ -36,23 +39,21 @@ import random
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
-
-from tunekit.adapters import adapter_configs, save_adapters
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 PROGRESS = "progress.json"
 # Errors that mean "this file is damaged" when a checkpoint file is read.
-_READ_ERRORS = (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError,
-                SafetensorError)
+_READ_ERRORS = (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError)
+STATE, TRAINER_STATE, CONFIG = "state", "trainer_state.pt", "config.json"
+LEGACY_WEIGHTS = "trainable.safetensors"
+"""The one-process checkpoint format of earlier tunekit versions (refused, see ``read_checkpoint``)."""
 
 
 def new_run_id() -> str:
@@ -122,61 +123,53 @@ def foreign_checkpoints_message(output_dir: str | Path, foreign: list[Path], res
             "train.overwrite_checkpoints=true to delete them when this run starts")
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter that requires grad, by name, on the CPU."""
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy ``state`` into ``model``'s trainable parameters; the names must match exactly."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(state):
-        diff = sorted(set(params) ^ set(state))
-        raise ValueError(
-            f"{source}: trainable parameters differ from this model's ({len(diff)} names, e.g. {diff[0]!r}); "
-            "resume with the same model and adapter config, or start over in a new output.dir"
-        )
-    shapes = [n for n, p in params.items() if p.shape != state[n].shape]
-    if shapes:
-        name = shapes[0]
-        raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)} there and {tuple(params[name].shape)} "
-                         "in this model; resume with the same model and adapter config, or start over in a new "
-                         "output.dir")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state[name])
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
 
 
 def save_checkpoint(
-    root: str | Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: Any, progress: dict, config: dict, keep_last: int | None,
+    root: str | Path, step: int, *, strategy: Any, scheduler: Any, progress: dict, config: dict,
+    keep_last: int | None, write_adapter: Callable[[Path], Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically under ``root``; prune to ``keep_last``; return its folder."""
+    """Write checkpoint ``step`` under ``root`` from every rank, atomically; prune to ``keep_last``; return its folder.
+
+    Collective: every rank calls it. ``strategy`` writes the trainable state
+    (``strategy.save_state``); ``write_adapter(folder)`` (collective, optional) adds the adapter.
+    """
     root = Path(root)
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if adapter_configs(model):
-        save_adapters(model, tmp / "adapter")
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "trainer_state.pt")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    # progress.json last: its presence marks the folder complete.
-    (tmp / PROGRESS).write_text(json.dumps(progress, indent=2) + "\n", encoding="utf-8")
+    if strategy.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    strategy.barrier()
+    strategy.save_state(tmp / STATE)
+    torch.save(rng_state(), tmp / f"rng-rank{strategy.runtime.rank}.pt")
+    if write_adapter is not None:
+        write_adapter(tmp / "adapter")
+    strategy.barrier()
+    if strategy.is_main:
+        torch.save({"scheduler": scheduler.state_dict(), "world_size": strategy.runtime.world_size},
+                   tmp / TRAINER_STATE)
+        _write_json(tmp / CONFIG, config)
+        _write_json(tmp / PROGRESS, progress)  # last: its presence marks the folder complete
+        _swap_into_place(tmp, final, root)
+        if keep_last is not None:  # only this run's own checkpoints
+            run_id = progress.get("run_id", "")
+            for stale in [p for p in list_checkpoints(root) if run_id_of(p) == run_id][:-keep_last]:
+                shutil.rmtree(stale)
+    strategy.barrier()
+    return final
+
+
+def _swap_into_place(tmp: Path, final: Path, root: Path) -> None:
     if final.exists():  # re-saving a step (a resumed run that stopped at once): swap, then drop
-        old = root / f".old-step-{step}"
+        old = root / f".old-{final.name}"
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    if keep_last is not None:  # only this run's own checkpoints
-        run_id = progress.get("run_id", "")
-        for stale in [p for p in list_checkpoints(root) if run_id_of(p) == run_id][:-keep_last]:
-            shutil.rmtree(stale)
-    return final
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
@@ -207,46 +200,67 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 
 @dataclass
 class SavedCheckpoint:
-    """Everything a checkpoint folder holds, read into memory (see ``read_checkpoint``)."""
+    """A checkpoint folder whose files were all found readable (``read_checkpoint``); tensors are not loaded."""
 
     folder: Path
-    trainable: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    trainer_state: dict[str, Any]
     progress: dict[str, Any]
     config: dict[str, Any]
+    world_size: int
+    """Processes that wrote it (each left its ``rng-rank<r>.pt``)."""
 
     @property
     def run_id(self) -> str:
         return self.progress.get("run_id", "")
 
 
+def _damaged(folder: Path, name: str, reason: str) -> ValueError:
+    earlier = [p for p in list_checkpoints(folder.parent) if _step_of(p) < _step_of(folder)]
+    way_out = f"set train.resume={earlier[-1]} to resume from the previous complete checkpoint, or " if earlier else ""
+    return ValueError(f"checkpoint {folder} is damaged ({name}: {reason}); {way_out}set train.resume=never "
+                      "with a new output.dir (or train.overwrite_checkpoints=true) to start over")
+
+
 def read_checkpoint(folder: Path) -> SavedCheckpoint:
-    """Read every file of checkpoint ``folder``, so a damaged one fails before anything is restored.
+    """Check every file of checkpoint ``folder`` and read its small ones, so a damaged one fails before
+    anything is restored (the tensors' files are checked against the sizes DCP recorded, not loaded).
 
     Raises:
-        ValueError: a file is missing or unreadable (one line naming the checkpoint and the way out).
+        ValueError: a file is missing or unreadable, or the folder is an earlier tunekit's one-process
+            format (one line naming the checkpoint and the way out).
     """
-    name = "trainable.safetensors"
+    from tunekit.distributed.checkpoint import check_dcp_files
+
+    if (folder / LEGACY_WEIGHTS).is_file() and not (folder / STATE).exists():
+        raise ValueError(f"checkpoint {folder} was written by an earlier tunekit version ({LEGACY_WEIGHTS}), which "
+                         "this one does not resume; set train.resume=never with a new output.dir (or "
+                         "train.overwrite_checkpoints=true) to start over (its adapter/ folder still loads)")
+    name = PROGRESS
     try:
-        trainable = load_file(str(folder / name))
-        name = "optimizer.pt"
-        optimizer = torch.load(folder / name, weights_only=True)
-        name = "trainer_state.pt"
-        trainer_state = torch.load(folder / name, weights_only=True)
-        trainer_state["scheduler"], trainer_state["rng"]  # noqa: B018 - both must be there
-        name = PROGRESS
         progress = json.loads((folder / name).read_text(encoding="utf-8"))
-        name = "config.json"
+        name = CONFIG
         config = json.loads((folder / name).read_text(encoding="utf-8"))
+        name = TRAINER_STATE
+        trainer_state = torch.load(folder / name, weights_only=True)
+        trainer_state["scheduler"]  # noqa: B018 - must be there
+        world = int(trainer_state["world_size"])
+        for rank in range(world):
+            name = f"rng-rank{rank}.pt"
+            torch.load(folder / name, weights_only=True)["torch"]  # noqa: B018
+        name = STATE
+        check_dcp_files(folder / STATE)  # raises "<file>: <reason>"
     except _READ_ERRORS as err:
-        reason = " ".join(str(err).split())[:160] or type(err).__name__
-        earlier = [p for p in list_checkpoints(folder.parent) if _step_of(p) < _step_of(folder)]
-        way_out = (f"set train.resume={earlier[-1]} to resume from the previous complete checkpoint, or "
-                   if earlier else "")
-        raise ValueError(f"checkpoint {folder} is damaged ({name}: {reason}); {way_out}set train.resume=never "
-                         "with a new output.dir (or train.overwrite_checkpoints=true) to start over") from None
-    return SavedCheckpoint(folder, trainable, optimizer, trainer_state, progress, config)
+        if name == STATE and isinstance(err, ValueError):
+            file, _, reason = str(err).partition(": ")
+            raise _damaged(folder, f"{STATE}/{file}", reason) from None
+        raise _damaged(folder, name, " ".join(str(err).split())[:160] or type(err).__name__) from None
+    return SavedCheckpoint(folder, progress, config, world)
+
+
+def read_trainable(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Checkpoint ``folder``'s trainable tensors, whole, on the CPU, by state-dict key (for inspection)."""
+    from tunekit.distributed.checkpoint import read_trainable_state
+
+    return read_trainable_state(Path(folder) / STATE)
 
 
 def _step_of(folder: Path) -> int:
@@ -254,25 +268,27 @@ def _step_of(folder: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def restore_checkpoint(
-    saved: SavedCheckpoint, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> None:
-    """Restore weights, optimizer and scheduler state and RNG from ``saved``.
+def restore_checkpoint(saved: SavedCheckpoint, *, strategy: Any, scheduler: Any) -> None:
+    """Restore the trainable weights, optimizer and scheduler state and this rank's RNG from ``saved``.
 
     The optimizer's hyperparameters (lr, weight decay, ...) stay the ones it was built with,
     i.e. the current config's, and the schedule's current lr is recomputed from them: the
     saved state holds the moments and the step, the config says how to train from here.
-    With an unchanged config this is exactly the saved state.
+    With an unchanged config this is exactly the saved state. On another number of processes
+    than the checkpoint's, rank ``r`` takes the RNG of saved rank ``r % saved`` (dropout
+    streams then differ from an uninterrupted run).
     """
-    load_trainable_state(model, saved.trainable, saved.folder)
+    optimizer = strategy.optimizer
     configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved.optimizer)
+    strategy.load_state(saved.folder / STATE)
     for group, hyper in zip(optimizer.param_groups, configured):
         group.update(hyper)
-    scheduler.load_state_dict(saved.trainer_state["scheduler"])
+    trainer_state = torch.load(saved.folder / TRAINER_STATE, weights_only=True)
+    scheduler.load_state_dict(trainer_state["scheduler"])
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     # What LambdaLR.get_lr computes at this step, from the configured peak lr and schedule.
     for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * fn(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    set_rng_state(saved.trainer_state["rng"])
+    rank = strategy.runtime.rank % saved.world_size
+    set_rng_state(torch.load(saved.folder / f"rng-rank{rank}.pt", weights_only=True))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class TrainConfig(BaseModel):
@@ -101,11 +101,27 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, gt=0)
     """Log training metrics (averaged since the last log) every N optimizer steps."""
 
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Experiment trackers that also get the metrics and the resolved config (as hyper-parameters), through
+    each library's own client: tensorboard (output_dir/tensorboard), wandb (``pip install 'tunekit[wandb]'``;
+    WANDB_PROJECT / WANDB_MODE=offline as W&B reads them), mlflow (``pip install 'tunekit[mlflow]'``;
+    MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME). Empty: only metrics.jsonl."""
+
     tensorboard: bool = False
-    """Also write metrics as TensorBoard scalars under output_dir/tensorboard."""
+    """Same as ``report_to: [tensorboard]`` (kept for older configs)."""
 
     fused_cross_entropy: bool = False
     """Causal LM only: compute the loss with tunekit's fused linear + cross-entropy kernel."""
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, names: list[str]) -> list[str]:
+        import importlib.util
+
+        for name in names:
+            if name != "tensorboard" and importlib.util.find_spec(name) is None:
+                raise ValueError(f"{name} is not installed: pip install 'tunekit[{name}]' (or drop it)")
+        return list(dict.fromkeys(names))
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
@@ -114,6 +130,10 @@ class TrainConfig(BaseModel):
         if self.early_stopping_patience and not self.eval_every:
             raise ValueError("train.early_stopping_patience needs train.eval_every (evaluations to compare)")
         return self
+
+    def trackers(self) -> list[str]:
+        """``report_to`` with the ``tensorboard`` alias folded in, without duplicates."""
+        return list(dict.fromkeys([*self.report_to, *(["tensorboard"] if self.tensorboard else [])]))
 
     @property
     def effective_batch_size(self) -> int:

@@ -4,6 +4,11 @@
 the previous ones back on exit, so importing tunekit changes nothing and a
 second Ctrl-C after the first falls through to the previous handler (the
 usual "press again to force quit").
+
+One rank of a multi-process job (``repeat_quits=False``) ignores repeats
+instead: a Ctrl-C in a terminal reaches every worker and then the launcher
+forwards it once more, and that second signal must not break the checkpoint
+being written; the launcher's grace period (then SIGKILL) is the force quit.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ class StopOnSignal:
         False
     """
 
-    def __init__(self) -> None:
+    def __init__(self, repeat_quits: bool = True) -> None:
+        self.repeat_quits = repeat_quits
         self.requested = False
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
@@ -33,7 +39,8 @@ class StopOnSignal:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
         # A second signal gets the previous behaviour (e.g. KeyboardInterrupt): a way out if a step hangs.
-        signal.signal(signum, self._previous[signum])
+        if self.repeat_quits:
+            signal.signal(signum, self._previous[signum])
 
     def __enter__(self) -> StopOnSignal:
         # signal.signal only works in the main thread; elsewhere (a notebook worker) run without it.

@@ -1,43 +1,48 @@
-"""``Trainer``: one training loop for every adapter method, task and precision.
+"""``Trainer``: one training loop for every adapter method, task, precision and number of processes.
 
-Per optimizer step::
+Per optimizer step, on every rank::
 
-    order  = data.train_order(epoch, seed)          deterministic, so resume is exact
-    window = next grad_accum_steps micro-batches    of batch_size rows each
-    for each micro-batch i (no gradient sync but on the last):
-        loss_i = model(**batch_i).loss              under accelerate's autocast
-        backward(loss_i * n_i / sum(n))             token-weighted mean (see loss.py)
-    clip grad norm -> optimizer.step -> scheduler.step -> zero_grad
-    log / evaluate / early-stop / checkpoint        as configured
+    order  = data.train_order(epoch, seed)           deterministic, the same on every rank
+    step   = its next batch_size x grad_accum_steps x dp_size rows (the global batch)
+    window = this rank's micro-batches of the step   disjoint shards, the same count on every rank
+    total  = targets of the step, summed over ranks  (one all-reduce)
+    for each micro-batch i (gradient sync on the last only):
+        loss_i = model(**batch_i).loss               under the strategy's autocast
+        backward(loss_i * n_i / total)               the token-weighted mean over the global batch
+    clip to the global grad norm -> optimizer.step -> scheduler.step -> zero_grad
+    one all-reduce of loss sum, targets, tokens and the stop flag, read once
+    log / evaluate / early-stop / checkpoint         decided alike on every rank
 
-accelerate provides autocast, fp16 loss scaling and gradient unscaling for
-clipping; it does not wrap or shard the model. Distribution strategies come
-in through ``wrap_model``, called before the optimizer is built. Its
-accumulation helper is not used either: it divides every micro-batch loss by
-N (a mean of means, wrong when micro-batches hold different numbers of
-targets) and cannot see the short last window of an epoch.
+So N processes with batch B train what one process trains with batch N·B (see
+``tunekit.distributed.data``). Everything device- and process-related goes through
+a ``tunekit.distributed`` strategy: placement and wrapping (the model is never moved
+whole to one device first), activation checkpointing, autocast, backward, sync
+boundaries, clipping, the optimizer step, metric all-reduce, trainable snapshots
+and checkpoint state. One process is the ``none`` strategy. Only rank 0 prints and
+writes metrics; every rank takes part in checkpoints, which any number of processes
+can resume. Micro-batch losses, targets and tokens stay on the device until the
+step's one read (no host sync per micro-batch). No collective runs on an error path.
 
-Everything that can refuse a run (the resume checkpoint, another run's
-checkpoints in the folder, a changed config, an external multi-process
-launch) is checked when the ``Trainer`` is built, before ``fit`` writes
-anything.
+Everything that can refuse a run (the resume checkpoint, another run's checkpoints
+in the folder, a changed config, an external multi-process launch without a
+strategy) is checked when the ``Trainer`` is built, before ``fit`` writes anything.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tunekit.distributed.data import MicroBatch, eval_shards, finite_loss_batch, rank_windows, resume_step, steps_per_epoch
 from tunekit.train.checkpoint import (
+    STATE,
     SavedCheckpoint,
     foreign_checkpoints_message,
     new_run_id,
@@ -48,68 +53,49 @@ from tunekit.train.checkpoint import (
     save_checkpoint,
 )
 from tunekit.train.config import TrainConfig
-from tunekit.train.logging import RunLogger
-from tunekit.train.loss import TASKS, EvalMeter, batch_tokens, fused_loss_fn, model_loss, target_count
+from tunekit.train.logging import EvalProgress, RunLogger
+from tunekit.train.loss import (
+    TASKS,
+    EvalMeter,
+    batch_tokens,
+    evaluation_loss,
+    fused_loss_fn,
+    model_loss,
+    target_count,
+)
 from tunekit.train.optim import build_optimizer, build_scheduler
-from tunekit.train.resume import resume_note
-from tunekit.train.runtime import external_launch_problem, make_accelerator, peak_memory_mib
+from tunekit.train.progress import Progress, TrainResult
+from tunekit.train.resume import resume_note, sections_changed
+from tunekit.train.runtime import external_launch_problem, peak_memory_mib
 from tunekit.train.signals import StopOnSignal
 
-# Printed once the SIGINT/SIGTERM handlers are installed (scripts wait for it before signalling).
+__all__ = ["READY_MESSAGE", "Progress", "TrainResult", "Trainer"]
+
+# Printed once every rank's SIGINT/SIGTERM handlers are installed (scripts wait for it before signalling).
 READY_MESSAGE = "training: Ctrl-C or SIGTERM finishes the step, saves a checkpoint and stops"
 
 
-@dataclass
-class Progress:
-    """Where a run is; saved in every checkpoint's ``progress.json``."""
+def _default_strategy(cfg: TrainConfig):
+    """The one-process strategy for ``cfg``; refuses a process that a multi-process launcher started."""
+    from tunekit.distributed import DistributedOptions, make_strategy
 
-    run_id: str = ""
-    global_step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0
-    tokens: int = 0
-    train_seconds: float = 0.0
-    best_metrics: dict[str, float] | None = None
-    best_step: int | None = None
-    bad_evals: int = 0
-    stopped_early: bool = False
-    restored_best: bool = False  # the weights are the best evaluation's (early stopping, end of run)
-    history: list[dict[str, Any]] = field(default_factory=list)
+    if problem := external_launch_problem():
+        raise ValueError(problem)
+    return make_strategy(DistributedOptions.from_configs(DistributedOptions(), cfg))
 
 
-@dataclass
-class TrainResult:
-    """What ``Trainer.fit`` returns. Metrics dicts are ``Trainer.evaluate`` outputs."""
-
-    global_step: int
-    epochs_completed: float
-    final_metrics: dict[str, float] | None
-    best_metrics: dict[str, float] | None
-    best_step: int | None
-    history: list[dict[str, Any]]
-    output_dir: Path
-    metrics_file: Path
-    checkpoint_dir: Path | None
-    tokens_per_second: float
-    """Training throughput: tokens of the training steps / ``train_seconds``."""
-    train_seconds: float
-    """Time spent in training steps (evaluation and checkpoint writes excluded)."""
-    peak_memory_mib: float
-    stopped_early: bool = False
-    interrupted: bool = False
-
-    def summary(self) -> str:
-        """A few human-readable lines."""
-        # The final metrics are not repeated: the last eval line (or the restore message) showed them.
-        lines = [
-            f"steps {self.global_step} ({self.epochs_completed:.2f} epochs), {self.train_seconds:.1f} s in training "
-            f"steps, {self.tokens_per_second:.0f} tokens/s, peak memory {self.peak_memory_mib:.0f} MiB",
-        ]
-        if self.stopped_early:
-            lines.append(f"stopped early (best at step {self.best_step})")
-        if self.interrupted:
-            lines.append(f"interrupted: resume from {self.checkpoint_dir}")
-        return "\n".join(lines)
+def _check_strategy_fits(strategy, cfg: TrainConfig) -> None:
+    """A strategy built with other training settings than ``cfg`` would silently train differently."""
+    options = strategy.options
+    mine = {"mixed_precision": cfg.mixed_precision, "gradient_checkpointing": cfg.gradient_checkpointing,
+            "max_grad_norm": cfg.max_grad_norm}
+    for key, value in mine.items():
+        if getattr(options, key) != value:
+            raise ValueError(f"the strategy was built with {key}={getattr(options, key)!r} but train.{key}={value!r}; "
+                             "build it with DistributedOptions.from_configs(distributed_section, train_config)")
+    if cfg.fused_cross_entropy and strategy.name != "none":
+        raise ValueError(f"train.fused_cross_entropy=true is not supported with distributed.strategy={strategy.name}: "
+                         "the fused head runs outside the engine's forward; set it to false")
 
 
 class Trainer:
@@ -117,64 +103,69 @@ class Trainer:
 
     Args:
         model: a Hugging Face model (adapters injected, base frozen) whose forward takes the
-            collated batch and returns ``.loss`` and ``.logits``.
+            collated batch and returns ``.loss`` and ``.logits``; on the CPU (the strategy places it).
         data: a DataBundle (duck-typed): ``train`` and ``eval`` (sized sequences of rows, eval may be
-            None), ``collate(rows) -> dict[str, Tensor]``, ``train_order(epoch, seed) -> list[int]``,
+            None), ``collate(rows) -> dict[str, Tensor]``, ``train_order(epoch, seed, step_rows) -> list[int]``
+            (``step_rows``: rows per optimizer step, for length groups that batches do not straddle),
             ``task`` ("causal_lm" | "seq_cls" | "seq2seq").
         cfg: the training config.
         output_dir: run folder: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``.
-        wrap_model: ``wrap(model) -> model`` for a distribution strategy, called before the
-            optimizer is built (so it sees the wrapped parameters). Without one, a process started
-            by a multi-process launcher is refused.
+        strategy: a ``tunekit.distributed`` strategy (``make_strategy(DistributedOptions.from_configs(
+            distributed, cfg))``), built on every rank; default: one process (a process started by
+            a multi-process launcher is then refused).
         metric_fn: ``fn(logits, batch) -> {name: per-row mean}`` for extra eval metrics.
         run_config: the run's whole resolved config (JSON-able sections: model, adapter, data, ...),
             saved in every checkpoint and compared on resume; its ``train`` section is ``cfg``.
 
     Raises:
         ValueError: the run cannot start (bad data, a damaged or incompatible resume checkpoint,
-            another run's checkpoints in ``output_dir``, a changed config, a multi-process launch).
+            another run's checkpoints in ``output_dir``, a changed config, a multi-process launch
+            without a strategy).
     """
 
     # The clock that times training steps (a test replaces it).
     clock: Callable[[], float] = staticmethod(time.perf_counter)
 
     def __init__(
-        self, model: nn.Module, data: Any, cfg: TrainConfig, output_dir: str | Path, *,
-        wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+        self, model: nn.Module, data: Any, cfg: TrainConfig, output_dir: str | Path, *, strategy: Any = None,
         metric_fn: Callable[[torch.Tensor, dict], dict[str, float]] | None = None,
-        run_config: Mapping[str, Any] | None = None,
+        run_config: Mapping[str, Any] | None = None, wrap_model: Any = None,
     ) -> None:
-        if wrap_model is None and (problem := external_launch_problem()):
-            raise ValueError(problem)
+        if wrap_model is not None:
+            raise TypeError("Trainer(wrap_model=...) is gone: pass strategy=tunekit.distributed.make_strategy("
+                            "DistributedOptions(strategy='ddp' | 'fsdp' | 'deepspeed', ...)), which wraps the model")
         if getattr(data, "task", None) not in TASKS:
             raise ValueError(f"data.task is {getattr(data, 'task', None)!r}; the trainer supports {list(TASKS)}")
         if len(data.train) == 0:
             raise ValueError("the training set is empty; check the data section of the config")
         self.model, self.data, self.cfg, self.metric_fn = model, data, cfg, metric_fn
         self.output_dir = Path(output_dir)
-        self.accelerator = make_accelerator(cfg.mixed_precision)
+        self.strategy = strategy if strategy is not None else _default_strategy(cfg)
+        _check_strategy_fits(self.strategy, cfg)
         self._fused_loss = fused_loss_fn(data.task) if cfg.fused_cross_entropy else None
         # Extra forward arguments the data needs (use_cache=False: packed rows get their
         # block-diagonal mask only without a cache).
         self._forward_kwargs = dict(getattr(data, "forward_kwargs", None) or {})
-        self._setup_model(wrap_model)
-        micro_batches = math.ceil(len(data.train) / cfg.batch_size)
-        self.steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum_steps)
+        self.wrapped, self.optimizer = self.strategy.prepare(model, lambda m: build_optimizer(m, cfg))
+        dp = self.strategy.dp_size
+        self.global_batch = cfg.batch_size * cfg.grad_accum_steps * dp
+        self.steps_per_epoch = steps_per_epoch(len(data.train), cfg.batch_size, cfg.grad_accum_steps, dp)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        optimizer = build_optimizer(self.wrapped, cfg)
-        self.scheduler = build_scheduler(optimizer, cfg, self.total_steps)
-        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self._pending: list[dict[str, float]] = []  # step metrics since the last train log line
         self._last_save: Path | None = None
-        # With early stopping, the trainable weights of the best evaluation (adapters are small),
-        # restored when training stops, as transformers' load_best_model_at_end does.
+        self._signal: StopOnSignal | None = None
+        self._stopping = False  # a stop signal reached some rank: agreed by all in a step's all-reduce
+        # With early stopping, the trainable weights of the best evaluation (adapters are small;
+        # shards stay shards), restored when training stops, as transformers' load_best_model_at_end does.
         self._best_weights: dict[str, torch.Tensor] | None = None
-        self.run_config = {**(run_config or {}), "train": cfg.model_dump(mode="json")}
+        self.run_config = {**(run_config or {}), "train": cfg.model_dump(mode="json"), "data_parallel_size": dp}
         self._resume, self._resume_note, self._foreign = self._plan_start()
 
+    # ------------------------------------------------------------------ start
     def _plan_start(self) -> tuple[SavedCheckpoint | None, str | None, list[Path]]:
-        """The checkpoint to resume (read in full), the line announcing it, and other runs' checkpoints
-        to delete at the start; raises if the run cannot start here."""
+        """The checkpoint to resume (its files checked), the line announcing it, and other runs'
+        checkpoints to delete at the start; raises if the run cannot start here."""
         folder = resolve_resume(self.cfg.resume, self.output_dir)
         saved = read_checkpoint(folder) if folder is not None else None
         foreign = other_runs_checkpoints(self.output_dir, saved.run_id if saved else None)
@@ -184,72 +175,100 @@ class Trainer:
             return None, None, foreign
         note = resume_note(saved.config, self.run_config, folder=folder, step=saved.progress["global_step"],
                            steps_per_epoch=self.steps_per_epoch, allow_changes=self.cfg.resume_with_changes)
+        self._check_trainable_fit(saved)
+        self._resume_step = self._resume_position(saved.progress)
         return saved, note, foreign
 
-    def _setup_model(self, wrap_model: Callable[[nn.Module], nn.Module] | None) -> None:
-        if self.cfg.gradient_checkpointing:
-            if not getattr(self.model, "supports_gradient_checkpointing", False):
-                raise ValueError(f"{type(self.model).__name__} does not support gradient checkpointing; "
-                                 "set train.gradient_checkpointing=false")
-            # Non-reentrant checkpointing gives grads to adapters even though the frozen inputs need none.
-            # transformers 5.x renamed gradient_checkpointing_enable (deprecated alias) to activation_*.
-            enable = getattr(self.model, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model.to(self.accelerator.device)
-        self.wrapped = wrap_model(self.model) if wrap_model is not None else self.model
+    def _check_trainable_fit(self, saved: SavedCheckpoint) -> None:
+        """Refuse, before anything is written, a checkpoint whose trainable tensors this model cannot take."""
+        from tunekit.distributed.checkpoint import trainable_mismatch
 
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        problem = trainable_mismatch(saved.folder / STATE, self.model, self.strategy.trainable_shapes)
+        if problem:
+            changed = sections_changed(saved.config, self.run_config, ("model", "adapter"))
+            cause = f" ({changed})" if changed else ""
+            raise ValueError(f"resuming from {saved.folder} refused: the trainable parameters differ from this "
+                             f"model's{cause}: {problem}; resume with the checkpoint's model and adapter config, or "
+                             "start over in a new output.dir")
 
-    def windows(self, epoch: int, start: int = 0) -> list[list[list[int]]]:
-        """Row indices of each optimizer step of ``epoch`` from step ``start``: [step][micro-batch][row]."""
-        order = list(self.data.train_order(epoch, self.cfg.seed))
-        b, a = self.cfg.batch_size, self.cfg.grad_accum_steps
-        micro = [order[i : i + b] for i in range(0, len(order), b)]
-        return [micro[i : i + a] for i in range(0, len(micro), a)][start:]
+    def _resume_position(self, progress: dict[str, Any]) -> int:
+        samples = int(progress.get("samples_in_epoch", 0))
+        if samples >= len(self.data.train):  # the epoch was complete: go on with the next one
+            return self.steps_per_epoch
+        return resume_step(samples, self.global_batch)
 
-    def train_step(self, window: list[list[int]]) -> dict[str, float]:
-        """One optimizer step over the micro-batches of ``window``; returns loss, grad_norm, lr, tokens."""
+    def _start(self) -> Progress:
+        """Fresh progress with rank 0's new run id, or the state of the resume checkpoint (weights, optimizer, RNG)."""
+        if self._foreign and self.strategy.is_main:  # train.overwrite_checkpoints, checked at __init__
+            for folder in self._foreign:
+                shutil.rmtree(folder)
+        self.strategy.barrier()
+        if self._resume is None:
+            return Progress(run_id=self.strategy.broadcast_object(new_run_id()))
+        saved, self._resume = self._resume, None
+        restore_checkpoint(saved, strategy=self.strategy, scheduler=self.scheduler)
+        progress = Progress(**{"run_id": saved.run_id, **saved.progress})
+        progress.step_in_epoch = self._resume_step
+        return progress
+
+    # ------------------------------------------------------------------ one step
+    def windows(self, epoch: int, start: int = 0) -> list[list[MicroBatch]]:
+        """This rank's micro-batches of each optimizer step of ``epoch`` from step ``start``: [step][micro-batch]."""
+        # Length groups are rounded to whole optimizer steps of all ranks, so no step straddles two groups.
+        order = self.data.train_order(epoch, self.cfg.seed, step_rows=self.global_batch)
+        return rank_windows(order, batch_size=self.cfg.batch_size,
+                            grad_accum_steps=self.cfg.grad_accum_steps, dp_size=self.strategy.dp_size,
+                            dp_rank=self.strategy.dp_rank, start_step=start)
+
+    def _micro_batches(self, window: list[MicroBatch]) -> tuple[list[dict], list[int], int]:
+        """(device batches, target counts, input tokens) of this rank's micro-batches; counted on the host."""
+        batches, counts, tokens = [], [], 0
+        for micro in window:
+            batch = self.data.collate([self.data.train[i] for i in micro.rows])
+            n = 0 if micro.placeholder else target_count(batch, self.data.task)
+            tokens += 0 if micro.placeholder else batch_tokens(batch)
+            # A batch without targets still runs (the ranks stay in step) at weight 0, with a finite loss.
+            batches.append(self.strategy.to_device(batch if n else finite_loss_batch(batch, self.data.task)))
+            counts.append(n)
+        return batches, counts, tokens
+
+    def train_step(self, window: list[MicroBatch]) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns the step's global loss, grad_norm,
+        lr and tokens, and whether a stop signal reached any rank ("stop")."""
         self.wrapped.train()
-        batches = [self._to_device(self.data.collate([self.data.train[i] for i in rows])) for rows in window]
-        counts = [target_count(b, self.data.task) for b in batches]
-        live = [(b, n) for b, n in zip(batches, counts) if n > 0]  # an all-masked batch has a 0/0 loss
-        total, loss_sum = max(1, sum(counts)), 0.0
-        for i, (batch, n) in enumerate(live):
-            last = i == len(live) - 1
-            # Only the last micro-batch all-reduces gradients (a no-op without a DDP wrapper).
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped):
-                with self.accelerator.autocast():
-                    loss = self._loss(batch)
-                self.accelerator.backward(loss * (n / total))
-            loss_sum += float(loss.detach()) * n
-        grad_norm = self._clip()
+        batches, counts, tokens = self._micro_batches(window)
+        total = self.strategy.all_reduce_sums({"targets": sum(counts)})["targets"]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.strategy.device)
+        for i, (batch, n) in enumerate(zip(batches, counts)):
+            if not total:  # no rank has a target: no gradient at all, as on one process
+                break
+            with self.strategy.sync_gradients(i == len(batches) - 1), self.strategy.autocast():
+                loss = self._loss(batch)
+            self.strategy.backward(loss, n / total)
+            loss_sum += loss.detach().double() * n
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the step did not happen
+        outcome = self.strategy.optimizer_step(self.cfg.max_grad_norm)
+        if outcome.stepped:  # fp16 overflow: the step did not happen
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_sum / total, "grad_norm": grad_norm, "lr": lr,
-                "tokens": sum(batch_tokens(b) for b in batches)}
+        self.strategy.zero_grad()
+        stop = self._signal is not None and self._signal.requested
+        sums = self.strategy.all_reduce_sums({"loss_sum": loss_sum, "targets": sum(counts), "tokens": tokens,
+                                              "stop": float(stop)})
+        return {"loss": sums["loss_sum"] / max(1.0, sums["targets"]), "grad_norm": outcome.grad_norm, "lr": lr,
+                "tokens": int(sums["tokens"]), "stop": sums["stop"] > 0}
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._fused_loss is not None:  # it runs the body with use_cache=False itself
             return self._fused_loss(self.wrapped, batch)
-        return model_loss(self.wrapped, batch, self._forward_kwargs)
+        return model_loss(self.wrapped, batch, self._forward_kwargs, self.data.task)
 
-    def _clip(self) -> float:
-        params = [p for p in self.wrapped.parameters() if p.requires_grad]
-        if self.cfg.max_grad_norm is None:
-            grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-            return float(torch.stack(grads).norm()) if grads else 0.0
-        return float(self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm))
-
+    # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss over ``data.eval`` (target-weighted) plus perplexity (LM) or accuracy (seq_cls).
+
+        Each rank evaluates its shard of the rows; the sums are all-reduced, so every rank
+        returns what one process evaluating all rows returns.
 
         Raises:
             ValueError: the data has no eval split.
@@ -258,59 +277,73 @@ class Trainer:
         if rows is None or len(rows) == 0:
             raise ValueError("no eval data: set data.eval_files, data.eval_split or data.eval_fraction")
         meter, size = EvalMeter(self.data.task, self.metric_fn), self.cfg.eval_batch_size or self.cfg.batch_size
-        # Only accuracy and metric_fn read logits; an LM loss on the fused path never builds (B, T, V) ones.
-        needs_logits = self.data.task == "seq_cls" or self.metric_fn is not None
         was_training = self.wrapped.training
         self.wrapped.eval()
-        for start in range(0, len(rows), size):
-            batch = self._to_device(self.data.collate([rows[i] for i in range(start, min(start + size, len(rows)))]))
-            with self.accelerator.autocast():
-                if self._fused_loss is not None and not needs_logits:
-                    loss, logits = self._fused_loss(self.wrapped, batch), None
-                else:
-                    out = self.wrapped(**batch, **self._forward_kwargs)
-                    loss, logits = out.loss, out.logits.float() if needs_logits else None
-            meter.add(batch, loss.float(), logits)
+        shown = EvalProgress(len(rows), enabled=self.strategy.is_main)
+        shards = eval_shards(len(rows), size, self.strategy.dp_size, self.strategy.dp_rank)
+        for done, micro in enumerate(shards):
+            shown.update(min(len(rows), done * size * self.strategy.dp_size))  # rows all ranks have done
+            batch = self.strategy.to_device(self.data.collate([rows[i] for i in micro.rows]))
+            with self.strategy.autocast():
+                loss, logits = evaluation_loss(self.wrapped, batch, self.data.task, self._forward_kwargs,
+                                               need_logits=self.metric_fn is not None, fused_loss=self._fused_loss)
+            meter.add(batch, loss.float(), logits, counts=not micro.placeholder)
+        shown.close()
         self.wrapped.train(was_training)
-        return meter.result()
+        return meter.result(reduce=self.strategy.all_reduce_sums)
 
     def _has_eval(self) -> bool:
         return self.data.eval is not None and len(self.data.eval) > 0
 
-    def fit(self) -> TrainResult:
-        """Train to ``total_steps`` (or early stop / signal), evaluating and checkpointing as configured."""
+    # ------------------------------------------------------------------ the loop
+    def fit(self, eval_before: dict[str, float] | None = None) -> TrainResult:
+        """Train to ``total_steps`` (or early stop / signal), evaluating and checkpointing as configured.
+
+        ``eval_before``: the evaluation before training, logged at step 0 of a run that starts fresh."""
         progress = self._start()
-        log = RunLogger(self.output_dir, self.total_steps, progress.global_step, tensorboard=self.cfg.tensorboard,
-                        enabled=self.accelerator.is_main_process)
+        log = RunLogger(self.output_dir, self.total_steps, progress.global_step, report_to=self.cfg.trackers(),
+                        run_config=self.run_config, enabled=self.strategy.is_main)
+        if eval_before is not None and progress.global_step == 0:
+            log.log("eval", 0, eval_before)
         self._pending.clear()
         if self._resume_note:
             log.message(self._resume_note)
         try:
-            with StopOnSignal() as stop:
+            with StopOnSignal(repeat_quits=self.strategy.runtime.world_size == 1) as stop:
+                self._signal = stop
+                self.strategy.barrier()  # every rank has its handlers before the line says so
                 log.message(READY_MESSAGE)
-                while self._running(progress, stop):
-                    for window in self.windows(progress.epoch, progress.step_in_epoch):
-                        t0 = self.clock()
-                        self._pending.append(self.train_step(window))
-                        progress.train_seconds += self.clock() - t0
-                        progress.global_step += 1
-                        progress.step_in_epoch += 1
-                        progress.tokens += self._pending[-1]["tokens"]
-                        self._after_step(progress, log, stop)
-                        if not self._running(progress, stop):
-                            break
-                    else:
-                        progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
-                if stop.requested:
-                    log.message(f"{stop.signal_name}: stopping after step {progress.global_step}")
-            return self._finish(progress, log, interrupted=stop.requested)
+                self._train(progress, log)
+                if self._stopping:
+                    log.message(f"{stop.signal_name or 'a stop signal (on another rank)'}: stopping after step "
+                                f"{progress.global_step}")
+            return self._finish(progress, log, interrupted=self._stopping)
         finally:
+            self._signal = None
             log.close()
 
-    def _running(self, progress: Progress, stop: StopOnSignal) -> bool:
-        return progress.global_step < self.total_steps and not progress.stopped_early and not stop.requested
+    def _train(self, progress: Progress, log: RunLogger) -> None:
+        while self._running(progress):
+            for window in self.windows(progress.epoch, progress.step_in_epoch):
+                t0 = self.clock()
+                metrics = self.train_step(window)
+                progress.train_seconds += self.clock() - t0
+                self._stopping = bool(metrics.pop("stop", False))
+                progress.global_step += 1
+                progress.step_in_epoch += 1
+                progress.samples_in_epoch = min(progress.step_in_epoch * self.global_batch, len(self.data.train))
+                progress.tokens += metrics["tokens"]
+                self._pending.append(metrics)
+                self._after_step(progress, log)
+                if not self._running(progress):
+                    break
+            else:
+                progress.epoch, progress.step_in_epoch, progress.samples_in_epoch = progress.epoch + 1, 0, 0
 
-    def _after_step(self, progress: Progress, log: RunLogger, stop: StopOnSignal) -> None:
+    def _running(self, progress: Progress) -> bool:
+        return progress.global_step < self.total_steps and not progress.stopped_early and not self._stopping
+
+    def _after_step(self, progress: Progress, log: RunLogger) -> None:
         step, cfg = progress.global_step, self.cfg
         if step % cfg.log_every == 0 or step == self.total_steps:
             means = {k: sum(m[k] for m in self._pending) / len(self._pending) for k in ("loss", "grad_norm")}
@@ -323,10 +356,11 @@ class Trainer:
         if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps and self._has_eval():
             self._evaluate_and_track(progress, log)
         # A run that stopped early is saved once, by _finish, after the best weights are restored.
-        if ((cfg.save_every and step % cfg.save_every == 0) or stop.requested) and not progress.stopped_early:
+        if ((cfg.save_every and step % cfg.save_every == 0) or self._stopping) and not progress.stopped_early:
             self._save(progress)
 
     def _evaluate_and_track(self, progress: Progress, log: RunLogger) -> dict[str, float]:
+        # The metrics are global (all-reduced), so every rank takes the same early-stopping decision.
         metrics = self.evaluate()
         progress.history.append(log.log("eval", progress.global_step, metrics))
         key = self.cfg.early_stopping_metric
@@ -337,8 +371,7 @@ class Trainer:
         if best is None or sign * metrics[key] < sign * best[key]:
             progress.best_metrics, progress.best_step, progress.bad_evals = metrics, progress.global_step, 0
             if self.cfg.early_stopping_patience:
-                self._best_weights = {n: p.detach().clone() for n, p in self.model.named_parameters()
-                                      if p.requires_grad}
+                self._best_weights = self.strategy.snapshot_trainable()
         else:
             progress.bad_evals += 1
             patience = self.cfg.early_stopping_patience
@@ -349,37 +382,28 @@ class Trainer:
         return metrics
 
     def _save(self, progress: Progress, replace: bool = False) -> None:
-        """Checkpoint this step (once; ``replace`` rewrites a checkpoint already written at it)."""
+        """Checkpoint this step from every rank (once; ``replace`` rewrites a checkpoint already written at it)."""
+        from tunekit.adapters import adapter_configs
+        from tunekit.distributed.adapter_save import save_gathered_adapter
+
         if not replace and self._last_save is not None and self._last_save.name == f"step-{progress.global_step}":
             return
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self._last_save = save_checkpoint(
-                self.output_dir / "checkpoints", progress.global_step, model=self.model, optimizer=self.optimizer,
-                scheduler=self.scheduler, progress=asdict(progress), config=self.run_config,
-                keep_last=self.cfg.keep_last,
-            )
-
-    def _start(self) -> Progress:
-        """Fresh progress with a new run id, or the state of the resume checkpoint (weights, optimizer, RNG)."""
-        if self._foreign and self.accelerator.is_main_process:  # train.overwrite_checkpoints, checked at __init__
-            for folder in self._foreign:
-                shutil.rmtree(folder)
-        if self._resume is None:
-            return Progress(run_id=new_run_id())
-        saved, self._resume = self._resume, None  # its tensors are not needed once restored
-        restore_checkpoint(saved, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-        return Progress(**{"run_id": saved.run_id, **saved.progress})
+        write_adapter = None
+        if adapter_configs(self.model):
+            def write_adapter(folder: Path) -> None:
+                save_gathered_adapter(self.strategy, folder)
+        self._last_save = save_checkpoint(
+            self.output_dir / "checkpoints", progress.global_step, strategy=self.strategy, scheduler=self.scheduler,
+            progress=asdict(progress), config=self.run_config, keep_last=self.cfg.keep_last,
+            write_adapter=write_adapter,
+        )
 
     def _restore_best(self, progress: Progress, log: RunLogger) -> dict[str, float] | None:
         """Put back the weights of the best evaluation; returns its metrics (None if not kept)."""
         if self._best_weights is None:  # the best was before a resume: its weights were not kept
             log.message(f"the best evaluation (step {progress.best_step}) predates the resume; keeping the last weights")
             return None
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in self._best_weights.items():
-                params[name].copy_(value)
+        self.strategy.restore_trainable(self._best_weights)
         log.message(f"restored the weights of step {progress.best_step}, the best evaluation")
         return dict(progress.best_metrics)
 
@@ -403,14 +427,15 @@ class Trainer:
         # The last checkpoint always holds the weights the run returns (the best ones, once restored).
         if interrupted or self.cfg.save_every:
             self._save(progress, replace=restored is not None)
+        peaks = self.strategy.gather_floats(peak_memory_mib())
         result = TrainResult(
             global_step=progress.global_step,
             epochs_completed=progress.epoch + progress.step_in_epoch / self.steps_per_epoch,
             final_metrics=final, best_metrics=progress.best_metrics, best_step=progress.best_step,
             history=progress.history, output_dir=self.output_dir, metrics_file=log.path,
             checkpoint_dir=self._last_save, tokens_per_second=progress.tokens / max(progress.train_seconds, 1e-9),
-            train_seconds=progress.train_seconds, peak_memory_mib=peak_memory_mib(),
-            stopped_early=progress.stopped_early, interrupted=interrupted,
+            train_seconds=progress.train_seconds, peak_memory_mib=peaks[self.strategy.runtime.rank],
+            stopped_early=progress.stopped_early, interrupted=interrupted, peak_memory_mib_per_rank=peaks,
         )
         log.message(result.summary())
         return result

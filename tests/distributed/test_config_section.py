@@ -1,0 +1,87 @@
+"""The ``distributed:`` config section: validation with one-line errors, refusals at config time and
+before launch (exit 2), ``--print-config`` showing the DeepSpeed JSON, ``--nproc`` flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from _tiny_runs import run_config
+
+from tunekit.cli import main
+from tunekit.config import distributed_options, load_config
+from tunekit.distributed.deepspeed_zero import generated_config
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    cfg = run_config(tmp_path, "causal_lm", "lora")
+    cfg["model"]["name_or_path"] = str(tmp_path / "never-loaded")  # nothing below may load it
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["distributed.strategy=zero3"], "distributed.strategy"),
+    (["distributed.timeout_s=0"], "distributed.timeout_s"),
+    (["distributed.dp_replicate=0"], "distributed.dp_replicate"),
+    (["distributed.dp_replicate=2", "distributed.strategy=ddp"], "dp_replicate=2 is for strategy fsdp"),
+    (["distributed.tp_size=2"], "tensor parallelism is not available"),
+    (["distributed.strategy=deepspeed", "model.quantization.bits=4"], "use strategy fsdp"),
+    (["distributed.strategy=deepspeed", "adapter={method: prompt, num_virtual_tokens: 4}"], "adapter.method=prompt"),
+    (["distributed.cpu_offload=true", "distributed.strategy=ddp"], "cpu_offload needs a sharded strategy"),
+    (["distributed.strategy=fsdp", "train.fused_cross_entropy=true"], "fused_cross_entropy=true is not supported"),
+    (["distributed.deepspeed_config=ds.json"], "is for strategy deepspeed"),
+    # refused before any process starts
+    (["distributed.strategy=fsdp", "--nproc", "1"], "this run has 1"),
+    (["--nproc", "2"], "--nproc 2 needs a multi-process strategy"),
+    (["distributed.strategy=fsdp", "distributed.dp_replicate=3", "--nproc", "2"], "does not divide the 2"),
+    (["--nnodes", "2"], "go with --nproc N"),
+])
+def test_what_cannot_work_is_one_line_exit_2_before_anything_starts(config_file, capsys, overrides, needle):
+    assert main(["finetune", str(config_file), *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_the_section_maps_onto_the_strategy_options(config_file):
+    cfg = load_config(config_file, ["distributed.strategy=fsdp", "distributed.cpu_offload=true",
+                                    "distributed.reshard_after_forward=false", "distributed.timeout_s=60",
+                                    "train.mixed_precision=bf16", "train.batch_size=3"])
+    options = distributed_options(cfg)
+    assert (options.strategy, options.cpu_offload, options.reshard_after_forward, options.timeout_s) == \
+        ("fsdp", True, False, 60.0)
+    assert (options.mixed_precision, options.micro_batch_size, options.max_grad_norm) == ("bf16", 3, 1.0)
+
+
+def _printed_deepspeed_json(text: str) -> dict:
+    comments = [line[2:] for line in text.splitlines() if line.startswith("# ")]
+    return json.loads("\n".join(comments[1:]))
+
+
+def test_print_config_shows_the_generated_deepspeed_json_and_stays_loadable(config_file, capsys, tmp_path):
+    assert main(["finetune", str(config_file), "distributed.strategy=deepspeed", "distributed.cpu_offload=true",
+                 "train.batch_size=4", "--nproc", "2", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert load_config(yaml.safe_load(text)).distributed.strategy == "deepspeed"  # comments do not break it
+    shown = _printed_deepspeed_json(text)
+    assert shown == generated_config(distributed_options(load_config(yaml.safe_load(text))), 2)
+    assert shown["train_batch_size"] == 8 and shown["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    # A user's file replaces it (merged over the generated one), and is what --print-config shows then.
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}), encoding="utf-8")
+    assert main(["finetune", str(config_file), "distributed.strategy=deepspeed", f"distributed.deepspeed_config={user}",
+                 "--nproc", "2", "--print-config"]) == 0
+    shown = _printed_deepspeed_json(capsys.readouterr().out)
+    assert shown["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert shown["zero_optimization"]["stage"] == 3
+
+
+def test_a_broken_deepspeed_file_is_refused_before_launch(config_file, capsys, tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"gradient_accumulation_steps": 4}), encoding="utf-8")
+    assert main(["finetune", str(config_file), "distributed.strategy=deepspeed",
+                 f"distributed.deepspeed_config={user}", "--nproc", "2"]) == 2
+    assert "gradient_accumulation_steps=4, tunekit needs 1" in capsys.readouterr().err
