@@ -51,8 +51,8 @@ def config_problem(options: DistributedOptions, adapter_method: str, quantizatio
         return f"distributed.deepspeed_config is for strategy deepspeed, not {strategy!r}; remove it or switch"
     if options.cpu_offload and not options.sharded:
         return f"distributed.cpu_offload needs a sharded strategy (fsdp or deepspeed), not {strategy!r}"
-    if not options.reshard_after_forward and strategy != "fsdp":
-        return f"distributed.reshard_after_forward=false is for strategy fsdp, not {strategy!r}"
+    if not options.reshard_after_forward and strategy not in ("fsdp", "fsdp_tp"):
+        return f"distributed.reshard_after_forward=false is for strategy fsdp or fsdp_tp, not {strategy!r}"
     return None
 
 
