@@ -1,11 +1,13 @@
 """What the tensor-parallel tests run on each rank, and the single-process references.
 
-``run_tp`` trains one (architecture, method) after another on the same process group with
-the trainer's loop (``_dist_helpers.train``), recording per step the gradients as
-``optimizer_step`` sees them after its explicit partial-sum reduction (gathered whole),
-the collectives that step issued, and this rank's local bytes; then it saves the adapter
-(gathered) and, on request, a sharded checkpoint. ``reference`` runs the same loop on one
-process and records the gradients at the same point (before clipping).
+``run_tp`` trains one (architecture, method) after another with tunekit's ``Trainer`` on a
+``tp`` / ``fsdp_tp`` strategy (all on one process group), recording per step the gradients
+the optimizer is given (after the explicit partial-sum reduction and clipping, gathered
+whole in the canonical layout), the collectives ``optimizer_step`` issued, every rank's
+local bytes; then it saves the adapter (gathered). ``reference`` runs the same Trainer on one
+process with the same global batch and records the gradients at the same point.
+``count_collectives`` counts one forward and one backward of a split model with and
+without adapters (``CommDebugMode``).
 """
 
 from __future__ import annotations
@@ -14,22 +16,17 @@ from pathlib import Path
 
 import torch
 import transformers as tf
-from _dist_helpers import gather_objects, toy_data, train
+from _dist_helpers import gather_objects, strategy_for, toy_data, train, train_config
 from _tiny import VOCAB, tiny_gpt2, tiny_llama
 from torch.distributed.tensor.debug import CommDebugMode
 
 from tunekit.adapters import BottleneckConfig, LoRAConfig, PrefixConfig, inject_adapters
-from tunekit.distributed import DistributedOptions, make_strategy
 
 PROJECTIONS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
-COLWISE = {"llama": 5, "qwen2": 5, "gpt2": 2}
-"""Colwise plan layers per block (their input gradients are all-reduced in backward)."""
-ROWWISE = {"llama": 2, "qwen2": 2, "gpt2": 2}
-"""Rowwise plan layers per block (their outputs are all-reduced in forward)."""
 LAYERS = 2
 STEPS, BATCH, ACCUM, LR = 3, 2, 2, 1e-3
 
@@ -41,7 +38,7 @@ def base_model(arch: str) -> torch.nn.Module:
         return tiny_llama()
     if arch == "gpt2":
         return tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return tf.Qwen2ForCausalLM(tf.Qwen2Config(
+    return tf.Qwen2ForCausalLM(tf.Qwen2Config(  # GQA 4:2
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
         num_key_value_heads=2, pad_token_id=0))
 
@@ -66,38 +63,27 @@ def _local_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def rank_bytes(model: torch.nn.Module, optimizer) -> dict[str, int]:
-    """This rank's local bytes by kind (the estimator's ``RankBytes`` fields)."""
+def rank_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """This rank's local parameter bytes (frozen ones with the buffers, as the estimator counts them)."""
     params = list(model.parameters())
-    return {
-        "frozen": sum(_local_bytes(p) for p in params if not p.requires_grad)
-        + sum(_local_bytes(b) for b in model.buffers()),
-        "trainable": sum(_local_bytes(p) for p in params if p.requires_grad),
-        "gradients": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
-        "optimizer": sum(_local_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
-    }
+    return {"frozen": sum(_local_bytes(p) for p in params if not p.requires_grad)
+            + sum(_local_bytes(b) for b in model.buffers()),
+            "trainable": sum(_local_bytes(p) for p in params if p.requires_grad)}
 
 
 def _record_steps(strategy, record: dict) -> None:
-    """Wrap ``strategy.optimizer_step``: its collectives, the gradients the optimizer is given, this rank's bytes.
-
-    The gradients are copied (locally) inside the torch optimizer's step, i.e. after the
-    explicit reduction and clipping, and gathered whole after the counted block.
-    """
+    """Wrap ``strategy.optimizer_step``: the partial gradients it finds, its collectives, the gradients it steps with."""
     from tunekit.distributed.tp_grads import _is_partial
 
-    step, seen = strategy.optimizer_step, {}
+    step = strategy.optimizer_step
 
     def counted_step(max_grad_norm):
         optimizer, params = strategy.optimizer, dict(strategy.model.named_parameters())
-        torch_step = optimizer.step
+        torch_step, seen = optimizer.step, {}
 
         def recording_step(*args, **kwargs):
             seen.update({n: p.grad.detach().clone() for n, p in params.items() if p.requires_grad})
-            with CommDebugMode() as inner:
-                out = torch_step(*args, **kwargs)
-            record["optimizer_collectives"].append(inner.get_total_counts())
-            return out
+            return torch_step(*args, **kwargs)  # local math only (counted apart below)
 
         record["partial_factors"].append(sum(_is_partial(p.grad) for p in params.values() if p.requires_grad))
         optimizer.step = recording_step
@@ -106,52 +92,50 @@ def _record_steps(strategy, record: dict) -> None:
                 outcome = step(max_grad_norm)
         finally:
             optimizer.step = torch_step
-        record["step_collectives"].append(comm.get_total_counts() - record["optimizer_collectives"][-1])
+        record["step_collectives"].append(_comm_counts(comm))
         whole = getattr(strategy, "canonical", lambda _name, grad: grad)  # one process: already whole
         record["grads"].append({n: whole(n, g).cpu().clone() for n, g in seen.items()})
-        record["bytes"] = rank_bytes(strategy.model, strategy.optimizer)
         return outcome
 
     strategy.optimizer_step = counted_step
 
 
-def run_one(arch: str, method: str, options: DistributedOptions, out: Path, checkpoint: bool = False):
-    """Train ``arch`` + ``method`` under ``options`` on this rank; returns (strategy, record)."""
-    from tunekit.distributed.adapter_save import save_gathered_adapter
-    from tunekit.distributed.checkpoint import save_sharded_checkpoint
+def _new_record() -> dict:
+    return {"grads": [], "partial_factors": [], "step_collectives": []}
 
-    strategy = make_strategy(options)
-    record = {"grads": [], "partial_factors": [], "step_collectives": [], "optimizer_collectives": []}
+
+def run_one(arch: str, method: str, distributed: dict, out: Path) -> tuple[object, dict]:
+    """Train ``arch`` + ``method`` under ``distributed`` on this rank, save the adapter; (strategy, record)."""
+    from tunekit.distributed.adapter_save import save_gathered_adapter
+
+    cfg = train_config(STEPS, BATCH, ACCUM, lr=LR)
+    strategy = strategy_for(cfg, **distributed)
+    record = _new_record()
     _record_steps(strategy, record)
-    result = train(strategy, build(arch, method), toy_data("lora"), steps=STEPS, batch_size=BATCH,
-                   accum=ACCUM, lr=LR)
+    result = train(strategy, build(arch, method), toy_data("lora"), cfg, out / f"{arch}-{method}-run")
     record["losses"] = result["losses"]
-    record["bytes"] = gather_objects(record["bytes"])
+    record["bytes"] = gather_objects(rank_bytes(strategy.model))
+    record["coordinates"] = gather_objects(dict(zip(strategy.runtime.mesh.mesh_dim_names,
+                                                    strategy.runtime.mesh.get_coordinate())))
     save_gathered_adapter(strategy, out / f"{arch}-{method}")
-    if checkpoint:
-        record["checkpoint"] = str(save_sharded_checkpoint(
-            out / f"{arch}-{method}-checkpoints", STEPS, strategy=strategy, scheduler=result["scheduler"],
-            progress={"samples_in_epoch": result["samples_in_epoch"]}, config={}, keep_last=None))
     return strategy, record
 
 
 def run_tp(case: dict) -> dict:
-    """Every (arch, method) of ``case["runs"]`` under ``case["options"]``, then the collective counts per arch."""
-    options = DistributedOptions(**case["options"])
-    out, results, strategy = Path(case["out"]), {}, None
+    """Every (arch, method) of ``case["runs"]`` under ``case["distributed"]``, then the collective counts per arch."""
+    out, results, first = Path(case["out"]), {}, None
     for arch, method in case["runs"]:
-        strategy, results[f"{arch}-{method}"] = run_one(arch, method, options, out, checkpoint=arch == "gpt2")
+        strategy, results[f"{arch}-{method}"] = run_one(arch, method, case["distributed"], out)
+        first = first or strategy  # the first one owns the process group
     for arch in case.get("count", ()):
-        results[f"{arch}-comms"] = {kind: count_collectives(arch, kind, strategy.runtime.tp_mesh)
+        results[f"{arch}-comms"] = {kind: count_collectives(arch, kind, first.runtime.tp_mesh)
                                     for kind in ("base", "lora", "dora")}
-    if case.get("encoders"):
-        results["encoders"] = encoder_grads(options)
-    make_strategy(options).close()  # leaves the process group (a strategy object holds nothing else)
+    first.close()
     return results
 
 
 def _comm_counts(comm: CommDebugMode) -> dict[str, int]:
-    return {str(op).split(".")[-1]: n for op, n in comm.get_comm_counts().items()}
+    return {str(op).split(".")[-1].rstrip("_"): n for op, n in comm.get_comm_counts().items()}
 
 
 def count_collectives(arch: str, kind: str, mesh) -> dict[str, dict[str, int]]:
@@ -176,92 +160,38 @@ def count_collectives(arch: str, kind: str, mesh) -> dict[str, dict[str, int]]:
 
 
 def reference(arch: str, method: str, out: Path, dp: int = 1) -> dict:
-    """One process on the global batch of ``dp`` data-parallel ranks: losses, gradients before clipping, the adapter."""
+    """One process on the global batch of ``dp`` data-parallel ranks: losses, the gradients stepped with, the adapter."""
     from tunekit.adapters import save_adapters
 
-    strategy = make_strategy(DistributedOptions())
-    record = {"grads": [], "partial_factors": [], "step_collectives": [], "optimizer_collectives": []}
+    cfg = train_config(STEPS, BATCH, ACCUM * dp, lr=LR)
+    strategy = strategy_for(cfg)
+    record = _new_record()
     _record_steps(strategy, record)
-    result = train(strategy, build(arch, method), toy_data("lora"), steps=STEPS, batch_size=BATCH,
-                   accum=ACCUM * dp, lr=LR)
+    result = train(strategy, build(arch, method), toy_data("lora"), cfg, out / f"{arch}-{method}-run")
     record["losses"] = result["losses"]
-    record["model"] = strategy.model
+    record["bytes"] = rank_bytes(strategy.model)
     save_adapters(strategy.model, out / f"{arch}-{method}")
     return record
 
 
-# ---------------------------------------------------------------- BERT / T5: one forward and backward
-
-def encoder_model(arch: str) -> torch.nn.Module:
-    """A tiny BERT classifier or T5 with LoRA on every linear layer (the plan's, the pooler's, the classifier's)."""
-    from _tiny import tiny_bert, tiny_t5
-
-    torch.manual_seed(0)
-    model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) if arch == "bert" else tiny_t5(
-        dropout_rate=0.0)
-    torch.manual_seed(1)
-    inject_adapters(model, LoRAConfig(rank=4, alpha=8, init="random", target_modules="all-linear"))
-    return model.train()
-
-
-def encoder_batch(arch: str) -> dict:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, VOCAB, (2, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    if arch == "bert":
-        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2])}
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(3, VOCAB, (2, 5), generator=g)}
-
-
-def loss_and_grads(model: torch.nn.Module, arch: str, strategy=None) -> dict:
-    """The loss of one batch and every trainable gradient, whole (after the explicit partial-sum reduction)."""
-    loss = model(**encoder_batch(arch)).loss
-    loss.backward()
-    if strategy is not None:
-        strategy.reduce_gradients()
-    whole = getattr(strategy, "canonical", lambda _name, grad: grad)
-    return {"loss": float(loss), "grads": {n: whole(n, p.grad).cpu().clone() for n, p in model.named_parameters()
-                                          if p.requires_grad}}
-
-
-def encoder_grads(options: DistributedOptions) -> dict:
-    """``loss_and_grads`` of BERT and T5 split by ``options``' strategy."""
-    out = {}
-    for arch in ("bert", "t5"):
-        strategy = make_strategy(options)
-        model, _ = strategy.prepare(encoder_model(arch), lambda m: torch.optim.SGD(
-            [p for p in m.parameters() if p.requires_grad], lr=0.0))
-        out[arch] = loss_and_grads(model, arch, strategy)
-    return out
-
-
 # ---------------------------------------------------------------- resume across mesh shapes
 
-RESUME_ROWS = 50
-"""Rows of the resume runs' data (4 steps of a global batch of 8 without wrapping)."""
+RESUME_STEPS, RESUME_ROWS = 4, 40
 
 
-def train_llama(options: dict, steps: int, accum: int, out: str, resume_from: str | None = None,
-                checkpoint: bool = False) -> dict:
-    """One rank: LoRA Llama trained ``steps`` steps under ``options`` (from ``resume_from``), adapter saved to ``out``."""
+def train_llama(distributed: dict, batch_size: int, accum: int, out: str, resume: str = "never") -> dict:
+    """One rank: LoRA Llama, ``RESUME_STEPS`` steps (a checkpoint every 2), from ``resume``; the adapter saved."""
     from tunekit.distributed.adapter_save import save_gathered_adapter
-    from tunekit.distributed.checkpoint import save_sharded_checkpoint
 
-    strategy = make_strategy(DistributedOptions(**options))
-    result = train(strategy, build("llama", "lora"), toy_data("lora", RESUME_ROWS), steps=steps, batch_size=BATCH,
-                   accum=accum, lr=LR, resume_from=resume_from)
+    cfg = train_config(RESUME_STEPS, batch_size, accum, lr=LR, resume=resume, save_every=2)
+    strategy = strategy_for(cfg, **distributed)
+    result = train(strategy, build("llama", "lora"), toy_data("lora", RESUME_ROWS), cfg, Path(out) / "run")
     save_gathered_adapter(strategy, Path(out) / "adapter")
-    record = {"losses": result["losses"]}
-    if checkpoint:
-        record["checkpoint"] = str(save_sharded_checkpoint(
-            Path(out) / "checkpoints", steps, strategy=strategy, scheduler=result["scheduler"],
-            progress={"samples_in_epoch": result["samples_in_epoch"]}, config={}, keep_last=None))
-    return record
+    return {"losses": result["losses"], "checkpoint": result["checkpoint"], "strategy": strategy}
 
 
 def train_jobs(jobs: list[dict]) -> list[dict]:
     """``train_llama`` for each job in turn, on one process group (a launch costs seconds of start-up)."""
     results = [train_llama(**job) for job in jobs]
-    make_strategy(DistributedOptions(**jobs[-1]["options"])).close()
-    return results
+    results[0]["strategy"].close()  # the first one owns the process group
+    return [{k: v for k, v in r.items() if k != "strategy"} for r in results]
