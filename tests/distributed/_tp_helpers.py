@@ -127,6 +127,8 @@ def run_tp(case: dict) -> dict:
     for arch, method in case["runs"]:
         strategy, results[f"{arch}-{method}"] = run_one(arch, method, case["distributed"], out)
         first = first or strategy  # the first one owns the process group
+    for i, job in enumerate(case.get("jobs", ())):  # resume runs (train_llama) on the same process group
+        results[f"job-{i}"] = {k: v for k, v in train_llama(**job).items() if k != "strategy"}
     for arch in case.get("count", ()):
         results[f"{arch}-comms"] = {kind: count_collectives(arch, kind, first.runtime.tp_mesh)
                                     for kind in ("base", "lora", "dora")}
