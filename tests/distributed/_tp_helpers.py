@@ -20,7 +20,7 @@ from _dist_helpers import gather_objects, strategy_for, toy_data, train, train_c
 from _tiny import VOCAB, tiny_gpt2, tiny_llama
 from torch.distributed.tensor.debug import CommDebugMode
 
-from tunekit.adapters import BottleneckConfig, LoRAConfig, PrefixConfig, inject_adapters
+from tunekit.adapters import BottleneckConfig, LoRAConfig, PrefixConfig, PromptConfig, inject_adapters
 
 PROJECTIONS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -48,6 +48,8 @@ def adapter_config(arch: str, method: str):
         return LoRAConfig(rank=4, alpha=8, init="random", target_modules=PROJECTIONS[arch], use_dora=method == "dora")
     if method == "prefix":
         return PrefixConfig(num_virtual_tokens=3)
+    if method == "prompt":
+        return PromptConfig(num_virtual_tokens=3)
     return BottleneckConfig(hidden_size=8, init="random")
 
 
@@ -104,20 +106,25 @@ def _new_record() -> dict:
     return {"grads": [], "partial_factors": [], "step_collectives": []}
 
 
-def run_one(arch: str, method: str, distributed: dict, out: Path) -> tuple[object, dict]:
+def _config(accum: int, fused: bool):
+    return train_config(STEPS, BATCH, accum, lr=LR).model_copy(update={"fused_cross_entropy": fused})
+
+
+def run_one(arch: str, method: str, distributed: dict, out: Path, fused: bool = False) -> tuple[object, dict]:
     """Train ``arch`` + ``method`` under ``distributed`` on this rank, save the adapter; (strategy, record)."""
     from tunekit.distributed.adapter_save import save_gathered_adapter
 
-    cfg = train_config(STEPS, BATCH, ACCUM, lr=LR)
+    cfg = _config(ACCUM, fused)
     strategy = strategy_for(cfg, **distributed)
     record = _new_record()
     _record_steps(strategy, record)
-    result = train(strategy, build(arch, method), toy_data("lora"), cfg, out / f"{arch}-{method}-run")
+    name = f"{arch}-{method}{'-fused' * fused}"
+    result = train(strategy, build(arch, method), toy_data("lora"), cfg, out / f"{name}-run")
     record["losses"] = result["losses"]
     record["bytes"] = gather_objects(rank_bytes(strategy.model))
     record["coordinates"] = gather_objects(dict(zip(strategy.runtime.mesh.mesh_dim_names,
                                                     strategy.runtime.mesh.get_coordinate())))
-    save_gathered_adapter(strategy, out / f"{arch}-{method}")
+    save_gathered_adapter(strategy, out / name)
     return strategy, record
 
 
@@ -127,6 +134,9 @@ def run_tp(case: dict) -> dict:
     for arch, method in case["runs"]:
         strategy, results[f"{arch}-{method}"] = run_one(arch, method, case["distributed"], out)
         first = first or strategy  # the first one owns the process group
+    if case.get("fused"):  # train.fused_cross_entropy: the head stays whole on every rank
+        _, results["llama-lora-fused"] = run_one("llama", "lora", case["distributed"], out, fused=True)
+        results["fused-comms"] = count_fused_collectives(first.runtime.tp_mesh)
     for i, job in enumerate(case.get("jobs", ())):  # resume runs (train_llama) on the same process group
         results[f"job-{i}"] = {k: v for k, v in train_llama(**job).items() if k != "strategy"}
     for arch in case.get("count", ()):
@@ -161,18 +171,32 @@ def count_collectives(arch: str, kind: str, mesh) -> dict[str, dict[str, int]]:
     return {"forward": _comm_counts(forward), "backward": _comm_counts(backward)}
 
 
-def reference(arch: str, method: str, out: Path, dp: int = 1) -> dict:
+def count_fused_collectives(mesh) -> dict[str, int]:
+    """Collectives of one forward of the fused head + cross-entropy loss on a split LoRA Llama."""
+    from tunekit.distributed.tensor_parallel import parallelize
+    from tunekit.models.kernels import fused_causal_lm_loss
+
+    model = build("llama", "lora")
+    parallelize(model, mesh)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with CommDebugMode() as forward:
+        fused_causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+    return _comm_counts(forward)
+
+
+def reference(arch: str, method: str, out: Path, dp: int = 1, fused: bool = False) -> dict:
     """One process on the global batch of ``dp`` data-parallel ranks: losses, the gradients stepped with, the adapter."""
     from tunekit.adapters import save_adapters
 
-    cfg = train_config(STEPS, BATCH, ACCUM * dp, lr=LR)
+    cfg = _config(ACCUM * dp, fused)
     strategy = strategy_for(cfg)
     record = _new_record()
     _record_steps(strategy, record)
-    result = train(strategy, build(arch, method), toy_data("lora"), cfg, out / f"{arch}-{method}-run")
+    name = f"{arch}-{method}{'-fused' * fused}"
+    result = train(strategy, build(arch, method), toy_data("lora"), cfg, out / f"{name}-run")
     record["losses"] = result["losses"]
     record["bytes"] = rank_bytes(strategy.model)
-    save_adapters(strategy.model, out / f"{arch}-{method}")
+    save_adapters(strategy.model, out / name)
     return record
 
 

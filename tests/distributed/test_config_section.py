@@ -38,6 +38,8 @@ def config_file(tmp_path):
     (["distributed.strategy=deepspeed", "adapter={method: prompt, num_virtual_tokens: 4}"], "adapter.method=prompt"),
     (["distributed.cpu_offload=true", "distributed.strategy=ddp"], "cpu_offload needs a sharded strategy"),
     (["distributed.strategy=fsdp", "train.fused_cross_entropy=true"], "fused_cross_entropy=true is not supported"),
+    (["distributed.strategy=fsdp_tp", "distributed.tp_size=2", "train.fused_cross_entropy=true"],
+     "fused_cross_entropy=true is not supported"),
     (["distributed.deepspeed_config=ds.json"], "is for strategy deepspeed"),
     # refused before any process starts
     (["distributed.strategy=fsdp", "--nproc", "1"], "this run has 1"),

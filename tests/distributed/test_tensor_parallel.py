@@ -25,7 +25,7 @@ from tunekit.distributed.launch import launch
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 RUNS = [("llama", "lora"), ("qwen2", "lora"), ("gpt2", "lora"),  # LoRA on every projection (colwise + rowwise)
-        ("llama", "dora"), ("gpt2", "dora"), ("qwen2", "prefix"), ("llama", "bottleneck")]
+        ("llama", "dora"), ("gpt2", "dora"), ("qwen2", "prefix"), ("llama", "bottleneck"), ("gpt2", "prompt")]
 COLWISE = {"llama": 5, "qwen2": 5, "gpt2": 2}
 """Colwise plan layers per block (q, k, v, gate, up; GPT-2's packed c_attn, c_fc): an input-gradient all-reduce each."""
 ROWWISE = {"llama": 2, "qwen2": 2, "gpt2": 2}
@@ -36,7 +36,7 @@ ROWWISE = {"llama": 2, "qwen2": 2, "gpt2": 2}
 def runs(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("tp")
     case = {"out": str(out), "distributed": {"strategy": "tp", "tp_size": 2}, "runs": RUNS,
-            "count": ["llama", "qwen2", "gpt2"]}
+            "count": ["llama", "qwen2", "gpt2"], "fused": True}
     return launch(run_tp, case, nproc=2, echo=False), out
 
 
@@ -108,10 +108,24 @@ def test_lora_adds_no_collective_and_the_partial_gradients_meet_in_one_all_reduc
     assert run["step_collectives"] == [{"allreduce": 2}] * 3
 
 
-def test_prefix_and_bottleneck_parameters_are_replicated_and_reduced_like_factors(runs):
+def test_prefix_gradients_are_reduced_like_factors_and_bottleneck_and_prompt_ones_need_none(runs):
     results, _ = runs
     assert results["qwen2-prefix"]["partial_factors"][0] >= 1  # the KV-head-sharded prefix's gradient
     assert results["qwen2-prefix"]["step_collectives"] == [{"allreduce": 2}] * 3
-    # bottlenecks act on the replicated hidden states: full gradients on every rank, nothing to reduce
-    assert results["llama-bottleneck"]["partial_factors"] == [0] * 3
-    assert results["llama-bottleneck"]["step_collectives"] == [{"allreduce": 1}] * 3
+    # bottlenecks act on the replicated hidden states, a prompt on the replicated input embeddings:
+    # full gradients on every rank, nothing to reduce but the norm's scalar
+    for run in ("llama-bottleneck", "gpt2-prompt"):
+        assert results[run]["partial_factors"] == [0] * 3
+        assert results[run]["step_collectives"] == [{"allreduce": 1}] * 3
+
+
+def test_fused_cross_entropy_under_tp_keeps_the_head_whole_and_equals_one_process(runs, tmp_path):
+    # The head (and embeddings) stay replicated: the fused linear + cross-entropy runs unchanged
+    # on every rank, with no gather of the head or the logits; only the layers' own all-reduces.
+    results, out = runs
+    assert results["fused-comms"] == {"all_reduce": ROWWISE["llama"] * LAYERS}
+    ours, theirs = results["llama-lora-fused"], reference("llama", "lora", tmp_path, fused=True)
+    assert all(abs(a - b) <= TP_EXACT * abs(b) for a, b in zip(ours["losses"], theirs["losses"], strict=True))
+    for got, want in zip(ours["grads"], theirs["grads"], strict=True):
+        assert all(max_abs_diff(got[n], want[n]) <= TP_EXACT for n in want)
+    _assert_same_adapter(out / "llama-lora-fused", tmp_path / "llama-lora-fused")

@@ -30,7 +30,7 @@ def config_problem(options: DistributedOptions, adapter_method: str, quantizatio
         if options.cpu_offload:
             return (f"distributed.cpu_offload is not supported with strategy {strategy} (tensor-parallel shards stay "
                     "on their device); use strategy fsdp with cpu_offload")
-    if fused_cross_entropy and strategy != "none":
+    if fused_cross_entropy and strategy not in ("none", "tp"):  # tp: the head stays whole, no engine wrapper
         return (f"train.fused_cross_entropy=true is not supported with distributed.strategy={strategy}: the fused "
                 "head runs the model's body and head outside the engine's forward (no gather, no gradient sync); "
                 "set it to false")
