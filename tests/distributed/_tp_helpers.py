@@ -110,7 +110,8 @@ def _config(accum: int, fused: bool):
     return train_config(STEPS, BATCH, accum, lr=LR).model_copy(update={"fused_cross_entropy": fused})
 
 
-def run_one(arch: str, method: str, distributed: dict, out: Path, fused: bool = False) -> tuple[object, dict]:
+def run_one(arch: str, method: str, distributed: dict, out: Path, fused: bool = False,
+            tag: str = "") -> tuple[object, dict]:
     """Train ``arch`` + ``method`` under ``distributed`` on this rank, save the adapter; (strategy, record)."""
     from tunekit.distributed.adapter_save import save_gathered_adapter
 
@@ -118,7 +119,7 @@ def run_one(arch: str, method: str, distributed: dict, out: Path, fused: bool = 
     strategy = strategy_for(cfg, **distributed)
     record = _new_record()
     _record_steps(strategy, record)
-    name = f"{arch}-{method}{'-fused' * fused}"
+    name = f"{arch}-{method}{'-fused' * fused}{tag}"
     result = train(strategy, build(arch, method), toy_data("lora"), cfg, out / f"{name}-run")
     record["losses"] = result["losses"]
     record["bytes"] = gather_objects(rank_bytes(strategy.model))
@@ -134,6 +135,10 @@ def run_tp(case: dict) -> dict:
     for arch, method in case["runs"]:
         strategy, results[f"{arch}-{method}"] = run_one(arch, method, case["distributed"], out)
         first = first or strategy  # the first one owns the process group
+    if case.get("sequence_parallel"):  # norms and residuals on sequence shards between the TP regions
+        _, results["llama-lora-sp"] = run_one("llama", "lora", {**case["distributed"], "sequence_parallel": True},
+                                              out, tag="-sp")
+        results["sp-comms"] = count_collectives("llama", "lora", first.runtime.tp_mesh, sequence_parallel=True)
     if case.get("fused"):  # train.fused_cross_entropy: the head stays whole on every rank
         _, results["llama-lora-fused"] = run_one("llama", "lora", case["distributed"], out, fused=True)
         results["fused-comms"] = count_fused_collectives(first.runtime.tp_mesh)
@@ -150,7 +155,7 @@ def _comm_counts(comm: CommDebugMode) -> dict[str, int]:
     return {str(op).split(".")[-1].rstrip("_"): n for op, n in comm.get_comm_counts().items()}
 
 
-def count_collectives(arch: str, kind: str, mesh) -> dict[str, dict[str, int]]:
+def count_collectives(arch: str, kind: str, mesh, sequence_parallel: bool = False) -> dict[str, dict[str, int]]:
     """Collectives of one forward and one backward of ``arch`` split over ``mesh``: the plain base, or with adapters.
 
     The input embeddings require grad in every case, so the backward runs through every
@@ -161,7 +166,7 @@ def count_collectives(arch: str, kind: str, mesh) -> dict[str, dict[str, int]]:
     model = base_model(arch) if kind == "base" else build(arch, kind)
     if kind == "base":
         model.requires_grad_(False)
-    parallelize(model, mesh)
+    parallelize(model, mesh, sequence_parallel=sequence_parallel)
     ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
     with CommDebugMode() as forward:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from _tiny_runs import run_config
+from _tiny_runs import run_config, save_tiny
 
 from tunekit.cli import main
 from tunekit.config import distributed_options, load_config
@@ -56,6 +56,7 @@ def test_what_cannot_work_is_one_line_exit_2_before_anything_starts(config_file,
 @pytest.fixture
 def tiny_base_config_file(tmp_path):
     cfg = run_config(tmp_path, "causal_lm", "lora")  # its tiny Llama: 4 heads, 2 KV heads, MLP 64
+    save_tiny("gpt2", tmp_path / "tiny-gpt2")
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
@@ -67,12 +68,15 @@ def tiny_base_config_file(tmp_path):
     (["distributed.strategy=tp", "distributed.tp_size=4", "--nproc", "4"],
      "tp_size=4 does not divide num_key_value_heads=2"),
     (["distributed.strategy=fsdp_tp", "distributed.tp_size=2", "--nproc", "3"], "tp_size=2 does not divide the 3"),
+    (["distributed.strategy=tp", "distributed.tp_size=2", "distributed.sequence_parallel=true",
+      "model.name_or_path={tmp}/tiny-gpt2", "--nproc", "2"], "sequence_parallel has no plan for model_type 'gpt2'"),
     (["distributed.strategy=tp", "distributed.tp_size=2", "distributed.sequence_parallel=true", "data.max_seq_len=47",
       "--nproc", "2"], "data.max_seq_len=47 is not a multiple of 2"),
 ])
 def test_tensor_parallel_sizes_are_checked_before_any_process_starts(tiny_base_config_file, capsys, overrides,
                                                                       needle):
     # The base's sizes come from its config.json alone: no process starts, no weight loads.
+    overrides = [o.replace("{tmp}", str(tiny_base_config_file.parent)) for o in overrides]
     assert main(["finetune", str(tiny_base_config_file), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err

@@ -36,7 +36,8 @@ ROWWISE = {"llama": 2, "qwen2": 2, "gpt2": 2}
 def runs(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("tp")
     case = {"out": str(out), "distributed": {"strategy": "tp", "tp_size": 2}, "runs": RUNS,
-            "count": ["llama", "qwen2", "gpt2"], "fused": True}
+            "count": ["llama", "qwen2", "gpt2"], "fused": True,
+            "sequence_parallel": True}
     return launch(run_tp, case, nproc=2, echo=False), out
 
 
@@ -129,3 +130,22 @@ def test_fused_cross_entropy_under_tp_keeps_the_head_whole_and_equals_one_proces
     for got, want in zip(ours["grads"], theirs["grads"], strict=True):
         assert all(max_abs_diff(got[n], want[n]) <= TP_EXACT for n in want)
     _assert_same_adapter(out / "llama-lora-fused", tmp_path / "llama-lora-fused")
+
+
+def test_sequence_parallel_equals_one_process_and_swaps_all_reduces_for_gather_and_reduce_scatter(runs, references):
+    results, out = runs
+    ours, theirs = results["llama-lora-sp"], references[0]["llama-lora"]
+    assert all(abs(a - b) <= TP_EXACT * abs(b) for a, b in zip(ours["losses"], theirs["losses"], strict=True))
+    for got, want in zip(ours["grads"], theirs["grads"], strict=True):
+        assert all(max_abs_diff(got[n], want[n]) <= TP_EXACT for n in want)
+    _assert_same_adapter(out / "llama-lora-sp", references[1] / "llama-lora")
+    # Forward: each rowwise output is reduce-scattered onto sequence shards instead of all-reduced;
+    # each attention / MLP input and the final norm's output are all-gathered. Backward: each
+    # sublayer input's gradient is reduce-scattered once (in place of one all-reduce per colwise
+    # layer: q, k, v share one), each reduce-scatter's gradient all-gathered.
+    rowwise, sublayers = ROWWISE["llama"] * LAYERS, 2 * LAYERS
+    comms = results["sp-comms"]
+    assert comms["forward"] == {"reduce_scatter_tensor": rowwise, "all_gather_into_tensor": sublayers + 1}
+    # Backward (the first block's scatter: an all-gather of its gradient; the final gather's gradient
+    # is whole on every rank, so its scatter is a local slice): as many collectives as forward.
+    assert comms["backward"] == {"reduce_scatter_tensor": sublayers, "all_gather_into_tensor": rowwise + 1}

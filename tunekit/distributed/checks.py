@@ -68,7 +68,7 @@ def tensor_parallel_problem(options: DistributedOptions, model_config: Any, seq_
     from tunekit.distributed.tp_plan import seq_len_problem, size_problem
 
     return (size_problem(model_config, options.tp_size)
-            or seq_len_problem(seq_len, options.tp_size, options.sequence_parallel))
+            or seq_len_problem(seq_len, options.tp_size, options.sequence_parallel, model_config))
 
 
 def check_before_launch(options: DistributedOptions, *, nproc: int | None = None, nnodes: int = 1,

@@ -178,8 +178,12 @@ def method_problem(method: str, quantization: str | None, sequence_parallel: boo
     return None
 
 
-def seq_len_problem(seq_len: int | None, tp: int, sequence_parallel: bool) -> str | None:
-    """Under sequence parallelism the sequence is split over the TP ranks: ``seq_len`` must divide."""
+def seq_len_problem(seq_len: int | None, tp: int, sequence_parallel: bool, config: Any = None) -> str | None:
+    """Under sequence parallelism the sequence is split over the TP ranks: ``seq_len`` must divide, and the
+    architecture (``config``, when given) needs a sequence-parallel plan."""
+    if sequence_parallel and config is not None and not arch_plan(config).sequence_norms:
+        return (f"distributed.sequence_parallel has no plan for model_type {config.model_type!r} (supported: "
+                f"{', '.join(t for t, spec in ARCHS.items() if spec.tp and spec.tp.sequence_norms)}); set it to false")
     if sequence_parallel and seq_len is not None and seq_len % tp:
         return (f"distributed.sequence_parallel splits each sequence over tp_size={tp} ranks but "
                 f"data.max_seq_len={seq_len} is not a multiple of {tp}; use a multiple of {tp}")
