@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from _tolerances import FP32_EXACT, TP_EXACT, max_abs_diff
-from _tp_helpers import LAYERS, PROJECTIONS, base_model, reference, run_tp
+from _tp_helpers import LAYERS, PROJECTIONS, base_model, build, reference, run_tp
 from safetensors.torch import load_file
 
 from tunekit.distributed.launch import launch
@@ -149,3 +149,17 @@ def test_sequence_parallel_equals_one_process_and_swaps_all_reduces_for_gather_a
     # Backward (the first block's scatter: an all-gather of its gradient; the final gather's gradient
     # is whole on every rank, so its scatter is a local slice): as many collectives as forward.
     assert comms["backward"] == {"reduce_scatter_tensor": sublayers, "all_gather_into_tensor": rowwise + 1}
+
+
+@pytest.mark.parametrize(("arch", "method"), RUNS, ids=[f"{a}-{m}" for a, m in RUNS])
+def test_the_estimators_per_rank_bytes_equal_each_ranks_dtensor_local_sizes(runs, arch, method):
+    from tunekit.estimate.memory import rank_model_states
+    from tunekit.estimate.model import inventory, tp_placements
+
+    results, _ = runs
+    model = build(arch, method)  # the whole model: the estimator splits it on paper
+    inv, placements = inventory(model), tp_placements(model)
+    run = results[f"{arch}-{method}"]
+    for measured, where in zip(run["bytes"], run["coordinates"], strict=True):
+        ours = rank_model_states(inv, "adamw", tp=2, tp_rank=where["tp"], placements=placements)
+        assert (ours.frozen, ours.trainable) == (measured["frozen"], measured["trainable"]), where

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from _tolerances import DIST_RESUME_OTHER_WORLD, FP32_EXACT, TP_EXACT, max_abs_diff
-from _tp_helpers import BATCH, reference, run_tp, train_jobs, train_llama
+from _tp_helpers import BATCH, build, reference, run_tp, train_jobs, train_llama
 from safetensors.torch import load_file
 
 from tunekit.distributed.checkpoint import checkpoint_keys
@@ -78,3 +78,18 @@ def test_a_2x2_checkpoint_resumes_on_1x2_2x1_and_1x1_to_the_same_result(grid, tm
         assert sorted(got) == sorted(want)
         assert all(max_abs_diff(got[k], want[k]) <= DIST_RESUME_OTHER_WORLD for k in want), \
             (name, max(max_abs_diff(got[k], want[k]) for k in want))
+
+
+@pytest.mark.parametrize(("arch", "method"), RUNS, ids=[a for a, _ in RUNS])
+def test_the_estimators_2x2_per_rank_bytes_equal_each_ranks_local_sizes(grid, arch, method):
+    # TP first (the plan's split), then FSDP2's dim-0 shards of each TP piece over dp_shard.
+    from tunekit.estimate.memory import rank_model_states
+    from tunekit.estimate.model import inventory, tp_placements
+
+    model = build(arch, method)
+    inv, placements = inventory(model), tp_placements(model)
+    run = grid[0][f"{arch}-{method}"]
+    for measured, where in zip(run["bytes"], run["coordinates"], strict=True):
+        ours = rank_model_states(inv, "adamw", dp=2, dp_rank=where["dp_shard"], tp=2, tp_rank=where["tp"],
+                                 placements=placements)
+        assert (ours.frozen, ours.trainable) == (measured["frozen"], measured["trainable"]), where
