@@ -118,17 +118,18 @@ def test_finetune_on_two_processes_equals_one_process(reference, name, capfd):
 
 # Tensor parallelism: the TP ranks of a group read the same rows, so the data-parallel size is
 # nproc / tp_size and the per-rank batch keeps the global batch of 12.
+# As the cookbook's 70B recipes run: tp with sequence parallelism, fsdp_tp with activation checkpointing.
 TENSOR_PARALLEL = {
-    "tp": ({"strategy": "tp", "tp_size": 2}, 2, 6),
-    "fsdp_tp": ({"strategy": "fsdp_tp", "tp_size": 2}, 4, 3),  # the 2 x 2 mesh
+    "tp": ({"strategy": "tp", "tp_size": 2, "sequence_parallel": True}, 2, 6, {}),
+    "fsdp_tp": ({"strategy": "fsdp_tp", "tp_size": 2}, 4, 3, {"gradient_checkpointing": True}),  # 2 x 2
 }
 
 
 @pytest.mark.parametrize("name", list(TENSOR_PARALLEL))
 def test_finetune_tensor_parallel_equals_one_process(reference, name, capfd):
     tmp, ref = reference
-    distributed, nproc, batch_size = TENSOR_PARALLEL[name]
-    path, out = _write(tmp, name, distributed, batch_size=batch_size)
+    distributed, nproc, batch_size, train = TENSOR_PARALLEL[name]
+    path, out = _write(tmp, name, distributed, batch_size=batch_size, **train)
     assert main(["finetune", str(path), "--nproc", str(nproc)]) == 0
     assert "peak memory per rank" in capfd.readouterr().out
     _assert_same_run(out, ref)
