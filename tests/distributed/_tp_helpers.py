@@ -139,6 +139,8 @@ def run_tp(case: dict) -> dict:
         _, results["llama-lora-sp"] = run_one("llama", "lora", {**case["distributed"], "sequence_parallel": True},
                                               out, tag="-sp")
         results["sp-comms"] = count_collectives("llama", "lora", first.runtime.tp_mesh, sequence_parallel=True)
+    if case.get("encoders"):
+        results["encoders"] = {arch: encoder_step(arch, first.runtime) for arch in ("bert", "t5")}
     if case.get("fused"):  # train.fused_cross_entropy: the head stays whole on every rank
         _, results["llama-lora-fused"] = run_one("llama", "lora", case["distributed"], out, fused=True)
         results["fused-comms"] = count_fused_collectives(first.runtime.tp_mesh)
@@ -203,6 +205,47 @@ def reference(arch: str, method: str, out: Path, dp: int = 1, fused: bool = Fals
     record["bytes"] = rank_bytes(strategy.model)
     save_adapters(strategy.model, out / name)
     return record
+
+
+# ---------------------------------------------------------------- BERT / T5: one forward and backward
+
+def encoder_model(arch: str) -> torch.nn.Module:
+    """A tiny BERT classifier or T5 (no dropout) with LoRA on every linear layer (the plan's and the rest)."""
+    from _tiny import tiny_bert, tiny_t5
+
+    torch.manual_seed(0)
+    model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) if arch == "bert" else \
+        tiny_t5(dropout_rate=0.0)
+    torch.manual_seed(1)
+    inject_adapters(model, LoRAConfig(rank=4, alpha=8, init="random", target_modules="all-linear"))
+    return model.train()
+
+
+def encoder_batch(arch: str) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    labels = torch.tensor([0, 2]) if arch == "bert" else torch.randint(3, VOCAB, (2, 5), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def encoder_step(arch: str, runtime=None) -> dict:
+    """The loss of one batch and every trainable gradient, whole; split by a ``tp`` strategy on ``runtime``."""
+    from tunekit.distributed import DistributedOptions, make_strategy
+
+    model = encoder_model(arch)
+    strategy = None
+    if runtime is not None:
+        strategy = make_strategy(DistributedOptions(strategy="tp", tp_size=runtime.shape.tp), runtime)
+        model, _ = strategy.prepare(model, lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad]))
+    loss = model(**encoder_batch(arch)).loss
+    loss.backward()
+    if strategy is not None:
+        strategy.reduce_gradients()
+    whole = getattr(strategy, "canonical", lambda _name, grad: grad)
+    return {"loss": float(loss), "grads": {n: whole(n, p.grad).cpu().clone() for n, p in model.named_parameters()
+                                          if p.requires_grad}}
 
 
 # ---------------------------------------------------------------- resume across mesh shapes

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from _tolerances import FP32_EXACT, TP_EXACT, max_abs_diff
-from _tp_helpers import LAYERS, PROJECTIONS, base_model, build, reference, run_tp
+from _tp_helpers import LAYERS, PROJECTIONS, base_model, build, encoder_step, reference, run_tp
 from safetensors.torch import load_file
 
 from tunekit.distributed.launch import launch
@@ -37,7 +37,7 @@ def runs(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("tp")
     case = {"out": str(out), "distributed": {"strategy": "tp", "tp_size": 2}, "runs": RUNS,
             "count": ["llama", "qwen2", "gpt2"], "fused": True,
-            "sequence_parallel": True}
+            "sequence_parallel": True, "encoders": True}
     return launch(run_tp, case, nproc=2, echo=False), out
 
 
@@ -163,3 +163,13 @@ def test_the_estimators_per_rank_bytes_equal_each_ranks_dtensor_local_sizes(runs
     for measured, where in zip(run["bytes"], run["coordinates"], strict=True):
         ours = rank_model_states(inv, "adamw", tp=2, tp_rank=where["tp"], placements=placements)
         assert (ours.frozen, ours.trainable) == (measured["frozen"], measured["trainable"]), where
+
+
+@pytest.mark.parametrize("arch", ["bert", "t5"])
+def test_tunekits_own_plans_for_bert_and_t5_equal_one_process(runs, arch):
+    # LoRA on every linear layer: the plan's (q/k/v/o, MLP; T5's relative-position bias split by heads)
+    # and the whole ones beside it (BERT's pooler and classifier, T5's head)
+    ours, theirs = runs[0]["encoders"][arch], encoder_step(arch)
+    assert abs(ours["loss"] - theirs["loss"]) <= TP_EXACT * abs(theirs["loss"])
+    assert sorted(ours["grads"]) == sorted(theirs["grads"])
+    assert all(max_abs_diff(ours["grads"][n], g) <= TP_EXACT for n, g in theirs["grads"].items())
