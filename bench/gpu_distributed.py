@@ -57,7 +57,7 @@ class SyntheticRows:
         ids = torch.tensor(rows)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
-    def train_order(self, epoch: int, seed: int) -> list[int]:
+    def train_order(self, epoch: int, seed: int, step_rows: int | None = None) -> list[int]:
         return list(range(len(self.train)))
 
 

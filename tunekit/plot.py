@@ -86,7 +86,8 @@ def plot_metrics(run: str | Path, out: str | Path | None = None, *, metrics: Seq
     records = read_metrics(run)
     drawn = [m for m in metrics if any(metric_series(records, m, s)[0] for s in splits)]
     if not drawn:
-        logged = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k != "step"})
+        logged = sorted({k for r in records for k, v in r.items()
+                         if isinstance(v, (int, float)) and k not in ("step", "elapsed_s", "wall_time")})
         raise ValueError(f"{_metrics_file(run)} has no {list(metrics)} values for splits {list(splits)}; "
                          f"logged metrics: {logged}")
     fig = Figure(figsize=(4.5 * len(drawn), 3.2), layout="constrained")

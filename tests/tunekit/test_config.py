@@ -46,7 +46,7 @@ BAD = [
     (["adapter.bias=some"], "adapter.bias"),
     (["adapter.target_modules=5"], "adapter.target_modules"),
     (["adapter.num_virtual_tokens=4"], "adapter.num_virtual_tokens"),
-    (["adapter.method=prefix"], "adapter.rank"),
+    (["adapter.method=prefix", "adapter.rank=8"], "adapter.rank"),
     (["model.dtype=fp8"], "model.dtype"),
     (["model.name_or_path=null"], "model.name_or_path"),
     (["model.quantization.bits=3"], "model.quantization.bits"),

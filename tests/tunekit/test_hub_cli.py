@@ -29,7 +29,7 @@ def _one_error_line(capsys) -> str:
 def test_push_prints_where_it_went(hub, run, capsys):
     assert main(["push", str(run), "--repo", "alice/cli", "--base-model", "tiny/llama"]) == 0
     out = capsys.readouterr().out
-    assert f"pushed 6 files to {hub.url}/alice/cli in commit {hub.head('alice/cli')[:8]}" in out
+    assert f"pushed 9 files to {hub.url}/alice/cli in commit {hub.head('alice/cli')[:8]}" in out
     assert main(["push", str(run / "adapter"), "--repo", "alice/cli", "--base-model", "tiny/llama",
                  "--revision", "v2", "--public", "--commit-message", "second"]) == 1
     assert "is private; tunekit never changes" in _one_error_line(capsys)

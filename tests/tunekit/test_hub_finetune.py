@@ -58,7 +58,7 @@ def test_finetune_pushes_the_adapter_and_the_merged_model_after_saving(hub, tmp_
     hub.seed("tiny/llama", tmp_path / "tiny-llama")
     assert main(["finetune", path]) == 0
     out = capsys.readouterr().out
-    assert f"pushed 6 files to {hub.url}/alice/from-finetune" in out
+    assert f"pushed 9 files to {hub.url}/alice/from-finetune" in out
     assert f"to {hub.url}/alice/from-finetune-merged" in out
     card = hub.files("alice/from-finetune")["README.md"].decode()
     assert "## Hardware and time" in card and "| optimizer steps | 2 |" in card and "| hardware | CPU (" in card

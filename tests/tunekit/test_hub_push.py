@@ -36,8 +36,10 @@ def _history(hub, repo, branch="main"):
     return [c.title for c in hub.repos[repo].history(branch)]
 
 
+# The run saves its tokenizer (and chat template) beside the adapter; it goes along, as Trainer.push_to_hub does.
 ADAPTER_FILES = {".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors",
-                 "tunekit_base.json", "tunekit_push.json", "loss_curve.png"}
+                 "tunekit_base.json", "tunekit_push.json", "loss_curve.png", "tokenizer.json",
+                 "tokenizer_config.json", "chat_template.jinja"}
 
 
 def test_push_is_one_commit_of_the_manifest_into_a_new_private_repo(hub, run):

@@ -179,3 +179,22 @@ def test_batch_tokens_counts_real_tokens_of_padded_and_packed_batches():
     assert batch_tokens(packed) == 24 - 3  # row 1's last run [0, 1, 2] has no target: the padded tail
     full = {**packed, "labels": packed["input_ids"]}
     assert batch_tokens(full) == 24
+
+
+@pytest.mark.parametrize("prompt_tokens", [0, 3])
+def test_dense_targets_slices_what_the_mask_selects_when_every_label_is_a_target(prompt_tokens):
+    """The estimator's static-shape selection: on labels that are all targets it must give
+    transformers' own loss and gradients (prompt tuning's virtual tokens included)."""
+    from tunekit.models.heads import dense_targets
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    if prompt_tokens:
+        inject_adapters(model, PromptConfig(num_virtual_tokens=prompt_tokens))
+    else:
+        inject_adapters(model, LoRAConfig(rank=4, target_modules=ALL_LINEAR))
+    batch = tiny_inputs("llama", batch=2, length=7)
+    batch = {"input_ids": batch["input_ids"], "labels": batch["input_ids"].clone()}
+    with dense_targets():
+        ours = _loss_and_grads(model, batch, _ours)
+    _assert_same(ours, _loss_and_grads(model, batch, _stock))

@@ -234,7 +234,8 @@ def build_dataset(cfg: DataConfig, tokenizer, *, seed: int = 0, cache: bool | st
     if cfg.sources is not None:  # several sources, each with its own format and fields
         from tunekit.data.mixing import build_mixed
 
-        return build_mixed(cfg, tokenizer, seed=seed)
+        folder = None if cache is False else default_cache_dir() if cache is True else Path(cache)
+        return build_mixed(cfg, tokenizer, seed=seed, cache=folder, num_proc=num_proc)
     train_rows = read_rows(cfg, "train")
     eval_rows = read_rows(cfg, "eval") if has_eval_source(cfg) else None
     label_names = None

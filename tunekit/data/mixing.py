@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 
 from tunekit.data.config import DataConfig
-from tunekit.data.formats import Encoder, Example
+from tunekit.data.formats import Encoder
 
 logger = logging.getLogger("tunekit.data")
 
@@ -77,35 +77,55 @@ def _source_label(cfg: DataConfig) -> str:
     return cfg.dataset or ", ".join(cfg.train_files or [])
 
 
-def build_mixed(cfg: DataConfig, tokenizer, *, seed: int = 0):
-    """``build_dataset`` for a config with ``data.sources`` (same result type and errors)."""
-    from tunekit.data.build import DataBundle, DataStats, SplitStats, _encode_rows, _store, collator_for
+def _mixed_rows(per_source: list, order: list[tuple[int, int]], *, scalar_labels: bool):
+    """One ``TokenizedRows`` of the examples ``order`` picks, ``(source, index)`` by pair."""
+    from tunekit.data.cache import _new_rows
+
+    mixed = _new_rows(scalar_labels)
+    for s, i in order:
+        row = per_source[s][i]
+        del row["attention_mask"]  # derived by TokenizedRows, not stored
+        mixed.append(**row)
+    return mixed
+
+
+def build_mixed(cfg: DataConfig, tokenizer, *, seed: int = 0, cache=None, num_proc: int | None = None):
+    """``build_dataset`` for a config with ``data.sources`` (same result type and errors); each source's
+    encoding goes through the data cache (``cache``: a folder, or None to encode row by row)."""
+    from tunekit.data.build import DataBundle, DataStats, SplitStats, _encode, _store, collator_for
+    from tunekit.data.cache import EncodedSplit
 
     configs = [cfg.for_source(i) for i in range(len(cfg.sources))]
     label_names = source_labels(cfg) if cfg.task == "seq_cls" else None
     label2id = {name: i for i, name in enumerate(label_names or [])}
     splits = {}
     for which in ("train", "eval"):
-        stats, per_source = SplitStats(), []
+        combined, per_source = EncodedSplit(examples=None), []
         for index, source_cfg in enumerate(configs):
             rows = _read(source_cfg, which, seed)
             if rows is None:
                 per_source.append([])
                 continue
-            examples = _encode_rows(rows, Encoder(source_cfg, tokenizer, label2id), stats)
-            if which == "train" and not examples:
+            encoded = _encode(rows, source_cfg, Encoder(source_cfg, tokenizer, label2id), cache, num_proc)
+            combined.rows_read += encoded.rows_read
+            combined.bad_rows.update(encoded.bad_rows)
+            combined.truncated += encoded.truncated
+            if which == "train" and not len(encoded.examples):
                 raise ValueError(f"data.sources[{index}] ({_source_label(source_cfg)}): no usable rows "
-                                 f"(format {source_cfg.format!r}; {dict(stats.bad_rows.most_common(3))}); "
+                                 f"(format {source_cfg.format!r}; {dict(encoded.bad_rows.most_common(3))}); "
                                  "check its *_field settings")
-            logger.info("data %s source %d (%s): %d examples", which, index, _source_label(source_cfg), len(examples))
-            per_source.append(examples)
-        if which == "eval" and not any(per_source):
+            logger.info("data %s source %d (%s): %d examples", which, index, _source_label(source_cfg),
+                        len(encoded.examples))
+            per_source.append(encoded.examples)
+        if which == "eval" and not any(len(e) for e in per_source):
             splits[which] = (None, None)
             continue
         order = mix_order([len(e) for e in per_source], cfg, seed) if which == "train" else \
             [(s, i) for s, e in enumerate(per_source) for i in range(len(e))]
-        mixed: list[Example] = [per_source[s][i] for s, i in order]
-        splits[which] = (_store(mixed, configs[0], stats), stats)
+        combined.examples = _mixed_rows(per_source, order, scalar_labels=cfg.task == "seq_cls")
+        stats = SplitStats(rows_read=combined.rows_read, bad_rows=combined.bad_rows)
+        # Packing is for training throughput; evaluation rows stay whole, as in build_dataset.
+        splits[which] = (_store(combined, cfg, stats, pack=bool(cfg.packing) and which == "train"), stats)
     stats = DataStats(splits["train"][1], splits["eval"][1])
     logger.info(stats.summary())
     return DataBundle(train=splits["train"][0], eval=splits["eval"][0], collate=collator_for(cfg.task, tokenizer),

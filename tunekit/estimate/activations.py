@@ -205,10 +205,14 @@ def _enable_checkpointing(model: nn.Module) -> None:
 
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor], shape: StepShape) -> torch.Tensor:
+    """The step's loss. The simulated labels are all targets, so the model's own loss (logits on every
+    position) costs what the trainer's target-position head does, to one position a row."""
     if shape.fused_cross_entropy:
+        from tunekit.models.heads import dense_targets
         from tunekit.models.kernels import fused_causal_lm_loss
 
-        return fused_causal_lm_loss(model, batch)
+        with dense_targets():  # static shapes on fake tensors
+            return fused_causal_lm_loss(model, batch)
     kwargs = {"use_cache": False} if shape.packed else {}
     return model(**batch, **kwargs).loss
 

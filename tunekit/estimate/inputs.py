@@ -23,7 +23,8 @@ __all__ = ["METHODS", "Choices", "adapter_for", "from_choices", "from_finetune_c
 METHODS = ("lora", "dora", "qlora", "prefix", "prompt", "bottleneck", "full")
 # flash_attention_2 and tunekit's kernel keep what SDPA's flash path keeps (output + log-sum-exp),
 # and neither runs on a CPU, so the simulation runs SDPA for them.
-_ATTN = {"eager": "eager", "sdpa": "sdpa", "flash": "sdpa", "tunekit": "sdpa", None: None}
+# "auto" (the default) is tunekit's varlen attention on packed rows, else the loaded one: sdpa-like memory.
+_ATTN = {"eager": "eager", "sdpa": "sdpa", "flash": "sdpa", "tunekit": "sdpa", "auto": "sdpa", None: None}
 _HEADS = {"bert": "classifier", "roberta": "classifier"}
 
 
@@ -122,8 +123,11 @@ def from_finetune_config(cfg: Any) -> tuple[ModelSpec, RunSettings, list[int] | 
     spec = ModelSpec(config, task, _dtype(cfg.model.dtype, config), cfg.model.quantization, cfg.adapter,
                      _ATTN[cfg.model.attn_implementation], labels, cfg.model.kernels, origin)
     data, train = cfg.data, cfg.train
+    packed = data.packing
+    if packed is None:  # finetune's default: pack causal-LM rows unless virtual tokens would be shared
+        packed = task == "causal_lm" and cfg.adapter.method not in ("prefix", "prompt")
     shape = StepShape(batch=train.batch_size, seq_len=data.max_seq_len,
-                      target_len=data.max_target_len or data.max_seq_len, packed=data.packing,
+                      target_len=data.max_target_len or data.max_seq_len, packed=packed,
                       mixed_precision=train.mixed_precision, grad_checkpointing=train.gradient_checkpointing,
                       fused_cross_entropy=train.fused_cross_entropy)
     settings = RunSettings(shape, train.optimizer, train.grad_accum_steps)

@@ -183,7 +183,8 @@ def model_manifest(folder: Path, base_model: str | None) -> Manifest:
 
 
 def _note_left_out(manifest: Manifest) -> None:
-    pushed = {Path(p).name for p in manifest.files}
+    # The run's README.md is not left out: the push writes the same card, with the repo's own facts.
+    pushed = {Path(p).name for p in manifest.files} | {"README.md"}
     manifest.left_out = sorted(p.name for p in manifest.folder.iterdir() if p.is_file() and p.name not in pushed)
 
 

@@ -22,10 +22,19 @@ multiplies by the head's weight itself.
 Targets are aligned as transformers' loss does: position t predicts label t+1,
 the last position predicts nothing, and virtual tokens a prompt-tuning host
 prepends (T' > T) have no targets, as in PEFT.
+
+Selecting the target positions has a data-dependent size (a boolean index). Under
+``dense_targets()`` every position with a next label is taken to be a target and
+selected by slicing instead: the memory estimator simulates a training step on
+fake tensors, which cannot have data-dependent shapes, with labels that are all
+targets.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +43,20 @@ from torch import nn
 
 from tunekit.adapters.hf.tasks import IGNORE_INDEX
 
-__all__ = ["TargetPositions", "hf_model", "next_token_targets", "supports_target_head", "target_positions"]
+__all__ = ["TargetPositions", "dense_targets", "hf_model", "next_token_targets", "supports_target_head",
+           "target_positions"]
+
+_DENSE = contextvars.ContextVar("tunekit_dense_targets", default=False)
+
+
+@contextlib.contextmanager
+def dense_targets() -> Iterator[None]:
+    """Within this block, ``target_positions`` assumes every label of the batch is a target (see the module doc)."""
+    token = _DENSE.set(True)
+    try:
+        yield
+    finally:
+        _DENSE.reset(token)
 
 
 def hf_model(model: nn.Module) -> nn.Module:
@@ -121,8 +143,14 @@ def target_positions(model: nn.Module, batch: dict[str, torch.Tensor], forward_k
     def gather(_module, _args, output):
         hidden = output[0]  # (B, T', H)
         targets = next_token_targets(labels.to(hidden.device), hidden.shape[1])
-        keep = targets != IGNORE_INDEX
-        kept["targets"], kept["hidden"] = targets[keep], hidden[keep]  # (N,), (N, H)
+        if _DENSE.get():  # static shapes: what the mask picks when every label is a target
+            # the last virtual token (T' - T of them) predicts label 0; the last position nothing
+            first = max(hidden.shape[1] - labels.shape[1] - 1, 0)
+            kept["targets"] = targets[:, first:-1].reshape(-1)
+            kept["hidden"] = hidden[:, first:-1].reshape(-1, hidden.shape[-1])
+        else:
+            keep = targets != IGNORE_INDEX
+            kept["targets"], kept["hidden"] = targets[keep], hidden[keep]  # (N,), (N, H)
         return _with_hidden(output, hidden[:, :0] if skip_head else kept["hidden"][None])
 
     handle = _body(hf).register_forward_hook(gather)
