@@ -56,7 +56,7 @@ def mesh_shape(options: DistributedOptions, world_size: int) -> MeshShape:
 
     Example:
         >>> mesh_shape(DistributedOptions(strategy="fsdp", dp_replicate=2), 4)
-        MeshShape(dp_replicate=2, dp_shard=2)
+        MeshShape(dp_replicate=2, dp_shard=2, tp=1)
     """
     if options.dp_replicate > 1 and options.strategy not in ("fsdp", "fsdp_tp"):
         raise ValueError(f"distributed.dp_replicate={options.dp_replicate} is for strategy fsdp or fsdp_tp (HSDP); "

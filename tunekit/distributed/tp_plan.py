@@ -145,7 +145,7 @@ def size_problem(config: Any, tp: int) -> str | None:
 
     Example:
         >>> from transformers import LlamaConfig
-        >>> size_problem(LlamaConfig(num_attention_heads=6, num_key_value_heads=3, intermediate_size=64), 2)
+        >>> size_problem(LlamaConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, intermediate_size=64), 2)
         'distributed.tp_size=2 does not divide num_key_value_heads=3 of this llama model; pick a divisor of 3'
     """
     try:
