@@ -101,7 +101,8 @@ def check_runnable(cfg: FinetuneConfig, *, nproc: int | None = None, nnodes: int
     try:
         check_before_launch(options, nproc=nproc, nnodes=nnodes, adapter_method=cfg.adapter.method,
                             quantization=None if quantization is None else f"{quantization.bits}bit",
-                            fused_cross_entropy=cfg.train.fused_cross_entropy)
+                            fused_cross_entropy=cfg.train.fused_cross_entropy,
+                            model_config=_tensor_parallel_model_config(cfg), seq_len=cfg.data.max_seq_len)
     except ValueError as err:
         raise ConfigError([str(err)]) from None
     if cfg.hub.push:  # offline, no token, bad repo id, no write access: fail now, not after training
@@ -112,6 +113,14 @@ def check_runnable(cfg: FinetuneConfig, *, nproc: int | None = None, nnodes: int
         except PushError as err:  # a run that cannot push is refused like any config: exit 2
             raise ConfigError([str(err)]) from None
     return options
+
+
+def _tensor_parallel_model_config(cfg: FinetuneConfig):
+    """The base's transformers config (no weights) when tensor parallelism must check its sizes, else None."""
+    from tunekit.distributed.options import TENSOR_PARALLEL
+    from tunekit.models import load_model_config
+
+    return load_model_config(cfg.model) if cfg.distributed.strategy in TENSOR_PARALLEL else None
 
 
 def _saved_base(cfg: FinetuneConfig, out: Path) -> Path | None:

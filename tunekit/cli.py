@@ -260,6 +260,21 @@ def _split_finetune_args(args: argparse.Namespace) -> tuple[str, list[str]]:
     return paths[0], overrides
 
 
+def _mesh_comment(cfg, args: argparse.Namespace) -> str:
+    """The device mesh the run's processes form, as a YAML comment (the printed config stays loadable)."""
+    from tunekit.config import distributed_options
+    from tunekit.distributed.env import read_env
+    from tunekit.distributed.mesh import DIMS, mesh_shape
+
+    world = args.nproc * args.nnodes if args.nproc else read_env().world_size
+    strategy = cfg.distributed.strategy
+    if world == 1:
+        return f"# distributed.strategy: {strategy}: the mesh is set by the processes (--nproc N)\n"
+    shape = mesh_shape(distributed_options(cfg), world)
+    dims = ", ".join(f"{name}={getattr(shape, name)}" for name in DIMS)
+    return f"# distributed.strategy: {strategy}, {world} processes: device mesh ({dims})\n"
+
+
 def _deepspeed_comment(cfg, args: argparse.Namespace) -> str:
     """The DeepSpeed config a deepspeed run uses, as YAML comments (the printed config stays loadable)."""
     import json
@@ -302,6 +317,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
             cfg = resolved.cfg
             print(f"# {resolved.line}")
         print(config_to_yaml(cfg), end="")
+        if cfg.distributed.strategy != "none":
+            print(_mesh_comment(cfg, args), end="")
         if cfg.distributed.strategy == "deepspeed":
             print(_deepspeed_comment(cfg, args), end="")
         return 0

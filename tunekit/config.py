@@ -64,8 +64,10 @@ class DistributedConfig(BaseModel):
 
     model_config = _SECTION
 
-    strategy: Literal["none", "ddp", "fsdp", "deepspeed", "auto"] = "none"
-    """none (one process), ddp (replicas), fsdp (FSDP2 ZeRO-3 sharding), deepspeed (DeepSpeed ZeRO-3), or auto:
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed", "tp", "fsdp_tp", "auto"] = "none"
+    """none (one process), ddp (replicas), fsdp (FSDP2 ZeRO-3 sharding), deepspeed (DeepSpeed ZeRO-3),
+    tp (tensor parallelism: each layer and its adapters split over tp_size processes), fsdp_tp
+    (the 2-D mesh: tensor parallelism inside a node, FSDP2 over the data-parallel processes), or auto:
     the cheapest the memory planner finds to fit the job's devices (it also sets cpu_offload and
     reshard_after_forward; the run logs its choice and resolved_config.yaml records it)."""
 
@@ -76,7 +78,7 @@ class DistributedConfig(BaseModel):
     """fsdp: free each layer's gathered weights after forward (ZeRO-3); false keeps them to backward (ZeRO-2-like)."""
 
     dp_replicate: int = Field(1, ge=1)
-    """fsdp: replicas of the sharded model (HSDP); each replica is sharded over processes / dp_replicate."""
+    """fsdp / fsdp_tp: replicas of the sharded model (HSDP); each replica is sharded over processes / dp_replicate."""
 
     timeout_s: float = Field(300.0, gt=0)
     """Seconds a collective may wait before the job fails (a hanging rank); torch's own default is 30 minutes."""
@@ -85,17 +87,25 @@ class DistributedConfig(BaseModel):
     """deepspeed: a DeepSpeed JSON file used instead of the generated one (``--print-config`` shows that one)."""
 
     tp_size: int = Field(1, ge=1)
-    """Tensor-parallel degree; tensor parallelism is not available in this version (keep 1)."""
+    """tp / fsdp_tp: processes that split each layer (a divisor of the heads, KV heads and MLP width, inside one
+    node); the processes / tp_size groups are data parallel."""
+
+    sequence_parallel: bool = False
+    """tp / fsdp_tp: norms and dropout run on sequence shards between the layers (activations / tp_size there)."""
 
     @model_validator(mode="after")
     def _check_values(self) -> DistributedConfig:
-        if self.tp_size != 1:
-            raise ValueError(f"distributed.tp_size={self.tp_size}: tensor parallelism is not available in this "
-                             "version; set distributed.tp_size: 1")
+        tensor_parallel = self.strategy in ("tp", "fsdp_tp")
+        if tensor_parallel and self.tp_size < 2:
+            raise ValueError(f"distributed.strategy={self.strategy} needs distributed.tp_size of 2 or more "
+                             f"(got {self.tp_size})")
+        if not tensor_parallel and (self.tp_size != 1 or self.sequence_parallel):
+            raise ValueError(f"distributed.tp_size / sequence_parallel are for strategy tp or fsdp_tp, not "
+                             f"{self.strategy!r}; set distributed.strategy: tp (or fsdp_tp)")
         if self.strategy == "auto" and (problem := _auto_conflict(self)):
             raise ValueError(problem)
-        if self.dp_replicate > 1 and self.strategy != "fsdp":
-            raise ValueError(f"distributed.dp_replicate={self.dp_replicate} is for strategy fsdp (HSDP); "
+        if self.dp_replicate > 1 and self.strategy not in ("fsdp", "fsdp_tp"):
+            raise ValueError(f"distributed.dp_replicate={self.dp_replicate} is for strategy fsdp or fsdp_tp (HSDP); "
                              f"set it to 1 for strategy {self.strategy!r}")
         return self
 

@@ -10,14 +10,17 @@ tensor-parallel plan, is one more field with a default):
   named ``<block>.<field>`` (``blocks`` and the field both matched as regexes,
   ``re.fullmatch``) is the sublayer;
 - ``virtual_tokens``: how prefix / prompt tuning feed this model (``adapters/hf/prefix_cache.py``);
-- ``kernels``: the modules ``tunekit.models.apply_kernels`` swaps for kernel-backed ones.
+- ``kernels``: the modules ``tunekit.models.apply_kernels`` swaps for kernel-backed ones;
+- ``tp``: how tensor parallelism splits the model (``tunekit.distributed.tp_plan``): transformers'
+  own ``base_model_tp_plan`` where the config class has one, tunekit's plan otherwise.
 
 Each row was checked against transformers 5.23's modeling code (tests/adapters/hf/test_arch_table.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import nn
@@ -43,6 +46,50 @@ class KernelModules:
 
 def _kernels(family: str, prefix: str, **kw) -> KernelModules:
     return KernelModules(f"transformers.models.{family}.modeling_{family}", f"{prefix}RMSNorm", f"{prefix}MLP", **kw)
+
+
+@dataclass(frozen=True)
+class TPPlan:
+    """How tensor parallelism splits one architecture.
+
+    Module patterns are relative to the base model (``model.base_model``); ``*`` is one
+    path component (a layer index). Styles: ``colwise`` (output features split),
+    ``rowwise`` (input features split, outputs summed), ``packed_colwise:N`` (N outputs
+    side by side, each split colwise: GPT-2's fused q/k/v), ``embedding_colwise`` (an
+    embedding's columns split: T5's per-head position bias), ``replicate`` (kept whole).
+    """
+
+    layers: Mapping[str, str] | None = None
+    """Pattern -> style; None: transformers' ``base_model_tp_plan``, read from the config class."""
+    local_widths: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Pattern -> integer attributes of that module that hold a per-rank width (divided by the TP
+    degree), where the modeling code does not infer it from the tensors (``view(..., -1, D)``)."""
+    sizes: tuple[str, ...] = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    """Config fields the TP degree must divide (absent or None fields are skipped)."""
+    sequence_norms: tuple[str, ...] = ()
+    """Norms on the residual stream, the last one the final norm; set where sequence parallelism is
+    supported (the block's ``attention`` and ``mlp`` then gather their input)."""
+
+
+_HF_DECODER_TP = TPPlan(sequence_norms=("layers.*.input_layernorm", "layers.*.post_attention_layernorm", "norm"))
+_BERT_TP = TPPlan({**{f"encoder.layer.*.{a}.self.{p}": "colwise" for a in ("attention", "crossattention")
+                      for p in ("query", "key", "value")},
+                   "encoder.layer.*.attention.output.dense": "rowwise",
+                   "encoder.layer.*.crossattention.output.dense": "rowwise",
+                   "encoder.layer.*.intermediate.dense": "colwise", "encoder.layer.*.output.dense": "rowwise"},
+                  sizes=("num_attention_heads", "intermediate_size"))
+_T5_ATTENTION = ("*.block.*.layer.0.SelfAttention", "decoder.block.*.layer.1.EncDecAttention")
+_T5_TP = TPPlan({**{f"{a}.{p}": "colwise" for a in _T5_ATTENTION for p in ("q", "k", "v")},
+                 **{f"{a}.o": "rowwise" for a in _T5_ATTENTION},
+                 "*.block.0.layer.0.SelfAttention.relative_attention_bias": "embedding_colwise",
+                 **{f"*.block.*.layer.*.DenseReluDense.{w}": "colwise" for w in ("wi", "wi_0", "wi_1")},
+                 "*.block.*.layer.*.DenseReluDense.wo": "rowwise"},
+                local_widths={a: ("n_heads", "inner_dim") for a in _T5_ATTENTION}, sizes=("num_heads", "d_ff"))
+# GPT-2's Conv1D layers store (in, out); c_attn packs q, k, v side by side and the attention
+# splits its output by ``split_size`` (the per-rank width under TP).
+_GPT2_TP = TPPlan({"h.*.attn.c_attn": "packed_colwise:3", "h.*.attn.c_proj": "rowwise",
+                   "h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"},
+                  local_widths={"h.*.attn": ("split_size",)}, sizes=("num_attention_heads", "n_inner"))
 
 
 @dataclass(frozen=True)
@@ -72,6 +119,8 @@ class ArchSpec:
     """How prefix / prompt tuning enter the model (None: not supported)."""
     kernels: KernelModules | None = None
     """Modules ``apply_kernels`` swaps (None: no kernel-backed modules for this architecture)."""
+    tp: TPPlan | None = None
+    """How tensor parallelism splits this architecture (None: not supported)."""
 
 
 _DECODER = dict(attention="self_attn", attention_out="self_attn.o_proj", mlp="mlp", mlp_out="mlp.down_proj",
@@ -82,29 +131,33 @@ _BERT_LIKE = dict(attention="attention", attention_out="attention.output.dense",
 _QV = ("q_proj", "v_proj")
 
 ARCHS: dict[str, ArchSpec] = {
-    "llama": ArchSpec(_QV, **_DECODER, virtual_tokens="decoder", kernels=_kernels("llama", "Llama")),
-    "mistral": ArchSpec(_QV, **_DECODER, virtual_tokens="decoder", kernels=_kernels("mistral", "Mistral")),
-    "qwen2": ArchSpec(_QV, **_DECODER, virtual_tokens="decoder", kernels=_kernels("qwen2", "Qwen2")),
-    "qwen3": ArchSpec(_QV, **_DECODER, virtual_tokens="decoder", kernels=_kernels("qwen3", "Qwen3")),
-    "gemma": ArchSpec(_QV, **_DECODER, kernels=_kernels("gemma", "Gemma", norm_offset=1.0, casting="gemma")),
-    # Gemma 2's hybrid sliding-window cache has no room for virtual tokens.
+    "llama": ArchSpec(_QV, **_DECODER, virtual_tokens="decoder", kernels=_kernels("llama", "Llama"), tp=_HF_DECODER_TP),
+    "mistral": ArchSpec(_QV, **_DECODER, virtual_tokens="decoder", kernels=_kernels("mistral", "Mistral"),
+                        tp=_HF_DECODER_TP),
+    "qwen2": ArchSpec(_QV, **_DECODER, virtual_tokens="decoder", kernels=_kernels("qwen2", "Qwen2"), tp=_HF_DECODER_TP),
+    "qwen3": ArchSpec(_QV, **_DECODER, virtual_tokens="decoder", kernels=_kernels("qwen3", "Qwen3"), tp=_HF_DECODER_TP),
+    "gemma": ArchSpec(_QV, **_DECODER, kernels=_kernels("gemma", "Gemma", norm_offset=1.0, casting="gemma"),
+                      tp=_HF_DECODER_TP),
+    # Gemma 2's hybrid sliding-window cache has no room for virtual tokens; its extra
+    # pre/post-feedforward norms are not in the sequence-parallel plan.
     "gemma2": ArchSpec(_QV, **_DECODER, kernels=_kernels("gemma2", "Gemma2", act_key="hidden_activation",
-                                                         norm_offset=1.0, casting="gemma")),
+                                                         norm_offset=1.0, casting="gemma"), tp=TPPlan()),
     # crossattention exists only with config.add_cross_attention.
     "gpt2": ArchSpec(("c_attn",), attention="attn", attention_out="attn.c_proj", mlp="mlp", mlp_out="mlp.c_proj",
                      blocks=r".*h\.\d+", cross_attention="crossattention", cross_attention_out="crossattention.c_proj",
-                     virtual_tokens="decoder"),
+                     virtual_tokens="decoder", tp=_GPT2_TP),
     "gpt_neox": ArchSpec(("query_key_value",), attention="attention", attention_out="attention.dense", mlp="mlp",
-                         mlp_out="mlp.dense_4h_to_h", blocks=r".*layers\.\d+"),
-    "bert": ArchSpec(("query", "value"), **_BERT_LIKE),
-    "roberta": ArchSpec(("query", "value"), **_BERT_LIKE),
+                         mlp_out="mlp.dense_4h_to_h", blocks=r".*layers\.\d+",
+                         tp=TPPlan(sizes=("num_attention_heads", "intermediate_size"))),
+    "bert": ArchSpec(("query", "value"), **_BERT_LIKE, tp=_BERT_TP),
+    "roberta": ArchSpec(("query", "value"), **_BERT_LIKE, tp=_BERT_TP),
     # T5 blocks hold sublayer modules layer.0 (self-attn), [layer.1 (cross-attn),] layer.1|2 (FFN).
     # mlp_out is the whole FFN: its output is wo's, and T5's FFN reads wo.weight.dtype, which a
     # wrapper around wo would not have.
     "t5": ArchSpec(("q", "v"), attention=r"layer\.0\.SelfAttention", attention_out=r"layer\.0\.SelfAttention\.o",
                    mlp=r"layer\.\d+\.DenseReluDense", mlp_out=r"layer\.\d+\.DenseReluDense", blocks=r".*block\.\d+",
                    cross_attention=r"layer\.1\.EncDecAttention", cross_attention_out=r"layer\.1\.EncDecAttention\.o",
-                   virtual_tokens="encoder_decoder"),
+                   virtual_tokens="encoder_decoder", tp=_T5_TP),
 }
 
 

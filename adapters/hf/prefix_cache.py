@@ -113,7 +113,7 @@ def virtual_token_geometry(model: nn.Module) -> VirtualTokenGeometry:
     return VirtualTokenGeometry(kind, cfg.num_hidden_layers, heads, kv_heads, head_dim, cfg.hidden_size)
 
 
-def prefix_layers(flat: torch.Tensor, geo: VirtualTokenGeometry) -> KV:
+def prefix_layers(flat: torch.Tensor, geo: VirtualTokenGeometry, kv_heads: tuple[int, int] | None = None) -> KV:
     """Split PEFT's flat prefix ``(P, num_layers * 2 * kv_dim)`` into per-layer (key, value).
 
     PEFT views it as ``(P, 2L, KV, D)``; layer ``l`` gets rows ``2l`` (key) and
@@ -121,8 +121,13 @@ def prefix_layers(flat: torch.Tensor, geo: VirtualTokenGeometry) -> KV:
     decoder layer ``l`` rows ``(4l) mod 2L`` and ``(4l + 1) mod 2L`` (its other
     two rows, meant for cross-attention, are dropped by transformers), which is
     reproduced here so PEFT checkpoints give the same outputs.
+
+    ``kv_heads``: only KV heads ``[start, stop)`` (a model whose attention computes
+    a slice of the heads: tensor parallelism).
     """
     rows = flat.view(flat.shape[0], 2 * geo.num_layers, geo.kv_heads, geo.head_dim).permute(1, 2, 0, 3)
+    if kv_heads is not None:
+        rows = rows[:, kv_heads[0]:kv_heads[1]]
     stride = 2 * geo.num_transformer_submodules
     n = 2 * geo.num_layers
     return [(rows[(stride * i) % n], rows[(stride * i + 1) % n]) for i in range(geo.num_layers)]

@@ -50,10 +50,14 @@ class DoRAVariant(LoRAVariant):
         norm = combined.norm(p=2, dim=1).detach()
         return (branch.lora_magnitude_vector.float() / norm).unsqueeze(1) * combined
 
+    def row_norm(self, combined: torch.Tensor) -> torch.Tensor:
+        """``‖W + s·B A‖`` per output row, detached (a subclass may finish a sharded reduction here)."""
+        return combined.norm(p=2, dim=1).detach()
+
     def forward(self, branch: nn.Module, x: torch.Tensor, base_out: torch.Tensor, base_layer, weight_fn) -> torch.Tensor:
         weight = weight_fn().to(x.dtype)
         lora_weight = (branch.lora_B.weight @ branch.lora_A.weight).detach()
-        weight_norm = (weight + branch.scaling * lora_weight).norm(p=2, dim=1).detach()
+        weight_norm = self.row_norm(weight + branch.scaling * lora_weight)
         mag_norm_scale = branch.lora_magnitude_vector / weight_norm
         if isinstance(branch.dropout, nn.Identity) or not branch.training:
             bias = base_layer.bias

@@ -24,6 +24,8 @@ class PrefixHost(VirtualTokenHost):
 
     attribute = "tunekit_prefix"
     what = "prefix"
+    kv_heads: tuple[int, int] | None = None
+    """Feed only KV heads ``[start, stop)`` (attention that computes a slice of the heads: tensor parallelism)."""
 
     def register(self, model: nn.Module) -> None:
         super().register(model)
@@ -39,7 +41,7 @@ class PrefixHost(VirtualTokenHost):
             self.hooks.use_stateless(None)
             return (), kwargs
         flat = self.adapters[name]().to(self.model_dtype(module))
-        return (), add_prefix(module, self.hooks, kwargs, name, prefix_layers(flat, self.geometry))
+        return (), add_prefix(module, self.hooks, kwargs, name, prefix_layers(flat, self.geometry, self.kv_heads))
 
 
 def _prefix_host(model: nn.Module) -> PrefixHost:

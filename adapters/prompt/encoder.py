@@ -53,8 +53,12 @@ class PromptEncoder(nn.Module):
         return self.mlp_head(x) if self.mlp_head is not None else x
 
     def prompt(self) -> torch.Tensor:
-        """The rows the model receives, ``(P, hidden)``."""
-        return self.forward()[: self.num_virtual_tokens]
+        """The rows the model receives, ``(P, hidden)``.
+
+        Called as a module (not ``self.forward()``), so hooks on the encoder run: tensor
+        parallelism's boundary hands the model a plain tensor of its replicated rows.
+        """
+        return self()[: self.num_virtual_tokens]
 
     @property
     def folded(self) -> bool:

@@ -42,13 +42,13 @@ def test_mesh_shapes():
 
 
 def test_options_validate_and_map_from_config_sections():
-    with pytest.raises(ValueError, match="choose one of none, ddp, fsdp, deepspeed"):
+    with pytest.raises(ValueError, match="choose one of none, ddp, fsdp, deepspeed, tp, fsdp_tp"):
         DistributedOptions(strategy="zero3")
     with pytest.raises(ValueError, match="timeout_s"):
         DistributedOptions(timeout_s=0)
 
     class Section:
-        strategy, cpu_offload, tp_size = "fsdp", True, 1  # tp_size: not an option (yet), ignored
+        strategy, cpu_offload, tp_size = "fsdp", True, 1
 
     class Train:
         mixed_precision, gradient_checkpointing, batch_size, max_grad_norm = "bf16", True, 4, None

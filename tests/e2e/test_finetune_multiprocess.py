@@ -95,11 +95,12 @@ def _assert_peft_loads_it(out: Path) -> None:
         assert max_abs_diff(peft_model(input_ids=IDS).logits, ours(input_ids=IDS).logits) <= FP32_EXACT
 
 
-def _assert_checkpoint_is_trainable_only(out: Path) -> None:
+def _assert_checkpoint_is_trainable_only(out: Path, nproc: int = 2) -> None:
     from tunekit.train.checkpoint import read_trainable
 
     last = list_checkpoints(out / "checkpoints")[-1]
-    assert last.name == "step-4" and sorted((last).glob("rng-rank*.pt")) == [last / "rng-rank0.pt", last / "rng-rank1.pt"]
+    assert last.name == "step-4"
+    assert sorted(last.glob("rng-rank*.pt")) == sorted(last / f"rng-rank{r}.pt" for r in range(nproc))
     saved = read_trainable(last)
     assert saved and all(".adapters." in key for key in saved)  # the LoRA factors, no base weight
 
@@ -113,6 +114,27 @@ def test_finetune_on_two_processes_equals_one_process(reference, name, capfd):
     _assert_same_run(out, ref)
     _assert_peft_loads_it(out)
     _assert_checkpoint_is_trainable_only(out)
+
+
+# Tensor parallelism: the TP ranks of a group read the same rows, so the data-parallel size is
+# nproc / tp_size and the per-rank batch keeps the global batch of 12.
+# As the cookbook's 70B recipes run: tp with sequence parallelism, fsdp_tp with activation checkpointing.
+TENSOR_PARALLEL = {
+    "tp": ({"strategy": "tp", "tp_size": 2, "sequence_parallel": True}, 2, 6, {}),
+    "fsdp_tp": ({"strategy": "fsdp_tp", "tp_size": 2}, 4, 3, {"gradient_checkpointing": True}),  # 2 x 2
+}
+
+
+@pytest.mark.parametrize("name", list(TENSOR_PARALLEL))
+def test_finetune_tensor_parallel_equals_one_process(reference, name, capfd):
+    tmp, ref = reference
+    distributed, nproc, batch_size, train = TENSOR_PARALLEL[name]
+    path, out = _write(tmp, name, distributed, batch_size=batch_size, **train)
+    assert main(["finetune", str(path), "--nproc", str(nproc)]) == 0
+    assert "peak memory per rank" in capfd.readouterr().out
+    _assert_same_run(out, ref)
+    _assert_peft_loads_it(out)
+    _assert_checkpoint_is_trainable_only(out, nproc)
 
 
 def test_ddp_under_an_external_torchrun_runs_the_same_command_unchanged(reference):

@@ -109,6 +109,13 @@ def test_multi_process_notebook_launches_two_processes_equal_to_one(tmp_path, mo
     assert len(ns["gaps"]) == 4 and max(ns["gaps"]) <= DIST_LOSS_REL  # 2 processes vs 1, same global batch
     assert abs(result.metrics["loss"] - single.metrics["loss"]) <= DIST_LOSS_REL * single.metrics["loss"]
     assert "missing.jsonl" in ns["failure"].message
+    # the tensor-parallel cell: tp 2 (the BERT plan, LoRA split beside query / value) vs one process
+    from _tolerances import TP_EXACT
+
+    tp = ns["tp_result"]
+    assert len(ns["tp_gaps"]) == 4 and max(ns["tp_gaps"]) <= TP_EXACT
+    assert abs(tp.metrics["loss"] - single.metrics["loss"]) <= TP_EXACT * single.metrics["loss"]
+    assert (tp.adapter_dir / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow

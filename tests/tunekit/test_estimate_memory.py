@@ -5,11 +5,10 @@ optimizer step's scratch memory against the profiler.
 
 from __future__ import annotations
 
-import tempfile
 
 import pytest
 import torch
-from _tiny import tiny_llama
+from _tiny import tiny_gpt2, tiny_llama
 
 from tunekit.adapters import LoRAConfig, inject_adapters
 from tunekit.estimate.measure import _profiled_step_peak
@@ -112,23 +111,30 @@ def test_fsdp2_rank0_local_bytes_equal_the_estimate(fake_world):
     assert expected.optimizer == 2 * local[True] + 4 * n_tensors  # AdamW moments + fp32 step scalars
 
 
-def test_transformers_tp_plan_rank0_local_sizes_equal_the_estimate(fake_world, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_tunekit_tp_rank0_local_sizes_equal_the_estimate(fake_world, arch):
+    # tunekit's own split (tunekit.distributed.tensor_parallel), LoRA on every projection: the
+    # estimate's per-parameter TP rule must give this rank's DTensor local bytes exactly.
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
-    from transformers import AutoModelForCausalLM, DistributedConfig
 
-    base = tiny_llama(vocab_size=104, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                      num_key_value_heads=4)
-    with tempfile.TemporaryDirectory() as folder:
-        base.save_pretrained(folder)
-        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-        sharded = AutoModelForCausalLM.from_pretrained(
-            folder, distributed_config=DistributedConfig(tp_size=fake_world, tp_plan="auto"))
-    real = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
-               for p in sharded.parameters())
-    meta = build_model(ModelSpec(base.config, "causal_lm"))
-    ours = rank_model_states(inventory(meta), "sgd", tp=fake_world, placements=tp_placements(meta))
-    buffers = sum(b.numel() * b.element_size() for b in sharded.buffers())
-    assert ours.frozen + ours.trainable == real + buffers
+    from tunekit.distributed.tensor_parallel import parallelize
+
+    if arch == "llama":
+        model = tiny_llama(vocab_size=104, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                           num_key_value_heads=4)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    else:
+        model, targets = tiny_gpt2(), ["c_attn", "c_proj", "c_fc"]
+    inject_adapters(model, LoRAConfig(rank=4, target_modules=targets, use_dora=arch == "gpt2"))
+    ours = rank_model_states(inventory(model), "adamw", tp=fake_world, placements=tp_placements(model))
+    parallelize(model, init_device_mesh("cpu", (fake_world,)))
+    local = {True: 0, False: 0}
+    for p in model.parameters():
+        local[p.requires_grad] += (p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert (ours.frozen, ours.trainable) == (local[False] + buffers, local[True])
+    assert ours.trainable < sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)  # really split
 
 
 def _adamw_step_scratch(foreach: bool) -> tuple[int, int]:

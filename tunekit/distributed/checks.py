@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Mapping
+from typing import Any
 
 from tunekit.distributed.env import read_env
 from tunekit.distributed.launch import check_process_count
 from tunekit.distributed.mesh import mesh_shape
-from tunekit.distributed.options import DistributedOptions
+from tunekit.distributed.options import TENSOR_PARALLEL, DistributedOptions
 
 INSTALL_DEEPSPEED = "pip install 'tunekit[deepspeed]'"
 
@@ -20,7 +21,16 @@ def config_problem(options: DistributedOptions, adapter_method: str, quantizatio
     Needs no process information, so config validation can call it (one line, or None).
     """
     strategy = options.strategy
-    if fused_cross_entropy and strategy != "none":
+    if strategy in TENSOR_PARALLEL:
+        from tunekit.distributed.tp_plan import method_problem
+
+        problem = method_problem(adapter_method, quantization, options.sequence_parallel)
+        if problem:
+            return problem
+        if options.cpu_offload:
+            return (f"distributed.cpu_offload is not supported with strategy {strategy} (tensor-parallel shards stay "
+                    "on their device); use strategy fsdp with cpu_offload")
+    if fused_cross_entropy and strategy not in ("none", "tp"):  # tp: the head stays whole, no engine wrapper
         return (f"train.fused_cross_entropy=true is not supported with distributed.strategy={strategy}: the fused "
                 "head runs the model's body and head outside the engine's forward (no gather, no gradient sync); "
                 "set it to false")
@@ -41,14 +51,30 @@ def config_problem(options: DistributedOptions, adapter_method: str, quantizatio
         return f"distributed.deepspeed_config is for strategy deepspeed, not {strategy!r}; remove it or switch"
     if options.cpu_offload and not options.sharded:
         return f"distributed.cpu_offload needs a sharded strategy (fsdp or deepspeed), not {strategy!r}"
-    if not options.reshard_after_forward and strategy != "fsdp":
-        return f"distributed.reshard_after_forward=false is for strategy fsdp, not {strategy!r}"
+    if not options.reshard_after_forward and strategy not in ("fsdp", "fsdp_tp"):
+        return f"distributed.reshard_after_forward=false is for strategy fsdp or fsdp_tp, not {strategy!r}"
     return None
+
+
+def tensor_parallel_problem(options: DistributedOptions, model_config: Any, seq_len: int | None = None) -> str | None:
+    """Why ``options``' tensor parallelism cannot split this model (a transformers config), or None.
+
+    One line naming the numbers: heads, KV heads or MLP width not divisible by ``tp_size``, no
+    plan for the architecture, or (sequence parallelism) ``seq_len`` not a multiple of it.
+    Needs only the model's config (``AutoConfig.from_pretrained``), no weights.
+    """
+    if options.strategy not in TENSOR_PARALLEL:
+        return None
+    from tunekit.distributed.tp_plan import seq_len_problem, size_problem
+
+    return (size_problem(model_config, options.tp_size)
+            or seq_len_problem(seq_len, options.tp_size, options.sequence_parallel, model_config))
 
 
 def check_before_launch(options: DistributedOptions, *, nproc: int | None = None, nnodes: int = 1,
                         adapter_method: str = "lora", quantization: str | None = None,
-                        fused_cross_entropy: bool = False, environ: Mapping[str, str] | None = None) -> None:
+                        fused_cross_entropy: bool = False, environ: Mapping[str, str] | None = None,
+                        model_config: Any = None, seq_len: int | None = None) -> None:
     """Raise ``ValueError`` if this job cannot work, before anything heavy runs.
 
     Args:
@@ -57,6 +83,8 @@ def check_before_launch(options: DistributedOptions, *, nproc: int | None = None
             external launcher already started them (the world size is then read from ``environ``).
         nnodes: nodes (with ``nproc``).
         adapter_method, quantization: ``adapter.method`` and ``model.quantization`` (None, "4bit", "8bit").
+        model_config, seq_len: the model's transformers config and ``data.max_seq_len``, for the
+            tensor-parallel checks (skipped without a config).
 
     Example:
         >>> check_before_launch(DistributedOptions(strategy="fsdp"), nproc=1)
@@ -80,7 +108,14 @@ def check_before_launch(options: DistributedOptions, *, nproc: int | None = None
                          "start several (tunekit finetune --nproc N, tunekit.launch(..., nproc=N)) or use strategy none")
     if not external:
         check_process_count(nproc)
-    mesh_shape(options, world)  # dp_replicate must divide the world
+    mesh_shape(options, world)  # dp_replicate and tp_size must divide the world
+    per_node = env.local_world_size if external else nproc
+    if options.strategy in TENSOR_PARALLEL and per_node % options.tp_size:
+        raise ValueError(f"distributed.tp_size={options.tp_size} does not divide the {per_node} processes per node: "
+                         "a tensor-parallel group must stay inside one node; pick a divisor")
+    problem = tensor_parallel_problem(options, model_config, seq_len) if model_config is not None else None
+    if problem:
+        raise ValueError(problem)
     if options.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"distributed.strategy=deepspeed needs DeepSpeed, which is not installed: {INSTALL_DEEPSPEED}")
     if options.strategy == "deepspeed" and options.deepspeed_config is not None:

@@ -1,15 +1,18 @@
 """The process group and the one device mesh every strategy shares.
 
-    world = dp_replicate x dp_shard (x tp, later)
+    world = dp_replicate x dp_shard x tp
 
-    mesh dims   ("dp_replicate", "dp_shard")
-    ddp         (world, 1)          every rank a full replica
-    fsdp        (r, world / r)      r = dp_replicate; r > 1 is HSDP
-    deepspeed   (1, world)          DeepSpeed builds its own groups over the world
+    mesh dims   ("dp_replicate", "dp_shard", "tp")
+    ddp         (world, 1, 1)          every rank a full replica
+    fsdp        (r, world / r, 1)      r = dp_replicate; r > 1 is HSDP
+    deepspeed   (1, world, 1)          DeepSpeed builds its own groups over the world
+    tp          (world / t, 1, t)      t = tp_size; replicas of the TP group beside it
+    fsdp_tp     (r, world / (r t), t)  FSDP2 over the dp dims on top of the TP DTensors
 
-Data parallelism runs over both dims flattened ("dp"): the data rank and size
-come from there, so a tensor-parallel dim can join later without changing
-how data is split. NCCL on GPUs (one device per local rank), gloo on CPUs.
+``tp`` is the innermost dim: a TP group is ``t`` consecutive ranks, i.e. inside one
+node. Data parallelism runs over the dp dims flattened ("dp"): the data rank and
+size come from there (TP ranks of one group read the same rows). NCCL on GPUs (one
+device per local rank), gloo on CPUs.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import torch.distributed as dist
 from tunekit.distributed.env import DistEnv, read_env
 from tunekit.distributed.options import DistributedOptions
 
-DIMS = ("dp_replicate", "dp_shard")
+DIMS = ("dp_replicate", "dp_shard", "tp")
+DP_DIMS = DIMS[:2]
 
 
 @dataclass(frozen=True)
@@ -33,10 +37,11 @@ class MeshShape:
 
     dp_replicate: int = 1
     dp_shard: int = 1
+    tp: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard
+        return self.dp_replicate * self.dp_shard * self.tp
 
     @property
     def dp_size(self) -> int:
@@ -51,13 +56,23 @@ def mesh_shape(options: DistributedOptions, world_size: int) -> MeshShape:
 
     Example:
         >>> mesh_shape(DistributedOptions(strategy="fsdp", dp_replicate=2), 4)
-        MeshShape(dp_replicate=2, dp_shard=2)
+        MeshShape(dp_replicate=2, dp_shard=2, tp=1)
     """
-    if options.dp_replicate > 1 and options.strategy != "fsdp":
-        raise ValueError(f"distributed.dp_replicate={options.dp_replicate} is for strategy fsdp (HSDP); "
+    if options.dp_replicate > 1 and options.strategy not in ("fsdp", "fsdp_tp"):
+        raise ValueError(f"distributed.dp_replicate={options.dp_replicate} is for strategy fsdp or fsdp_tp (HSDP); "
                          f"strategy {options.strategy!r} needs dp_replicate: 1")
     if options.strategy in ("none", "ddp"):
         return MeshShape(dp_replicate=world_size, dp_shard=1)
+    tp = options.tp_size
+    if world_size % tp:
+        raise ValueError(f"distributed.tp_size={tp} does not divide the {world_size} processes")
+    if options.strategy == "tp":
+        return MeshShape(dp_replicate=world_size // tp, dp_shard=1, tp=tp)
+    if options.strategy == "fsdp_tp":
+        if (world_size // tp) % options.dp_replicate:
+            raise ValueError(f"distributed.dp_replicate={options.dp_replicate} does not divide the "
+                             f"{world_size // tp} data-parallel groups ({world_size} processes / tp_size {tp})")
+        return MeshShape(options.dp_replicate, world_size // (tp * options.dp_replicate), tp)
     if world_size % options.dp_replicate:
         raise ValueError(f"distributed.dp_replicate={options.dp_replicate} does not divide the {world_size} processes")
     return MeshShape(dp_replicate=options.dp_replicate, dp_shard=world_size // options.dp_replicate)
@@ -104,6 +119,11 @@ class Runtime:
         """The process group of the data-parallel ranks (metrics and token counts are summed over it)."""
         return None if self.dp_mesh is None else self.dp_mesh.get_group()
 
+    @property
+    def tp_mesh(self):
+        """The tensor-parallel dim of the mesh (None on one process)."""
+        return None if self.mesh is None else self.mesh["tp"]
+
 
 def default_device(env: DistEnv) -> torch.device:
     """``cuda:<local rank>`` when CUDA is there, else the CPU."""
@@ -136,8 +156,8 @@ def start_runtime(options: DistributedOptions, env: DistEnv | None = None) -> Ru
             backend, init_method="env://", rank=env.rank, world_size=env.world_size,
             timeout=timedelta(seconds=options.timeout_s), device_id=device if device.type == "cuda" else None,
         )
-    mesh = init_device_mesh(device.type, (shape.dp_replicate, shape.dp_shard), mesh_dim_names=DIMS)
-    return Runtime(env, device, shape, mesh, mesh[DIMS]._flatten("dp"), backend, owns_group)
+    mesh = init_device_mesh(device.type, (shape.dp_replicate, shape.dp_shard, shape.tp), mesh_dim_names=DIMS)
+    return Runtime(env, device, shape, mesh, mesh[DP_DIMS]._flatten("dp"), backend, owns_group)
 
 
 def _export_env(env: DistEnv) -> None:

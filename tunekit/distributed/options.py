@@ -10,10 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
+STRATEGIES = ("none", "ddp", "fsdp", "deepspeed", "tp", "fsdp_tp")
 """Registry names of ``distributed.strategy``."""
 
-SHARDED = ("fsdp", "deepspeed")
+TENSOR_PARALLEL = ("tp", "fsdp_tp")
+"""Strategies that split layers over a ``tp`` mesh dim (``tp_size`` processes per group)."""
+
+SHARDED = ("fsdp", "deepspeed", *TENSOR_PARALLEL)
 """Strategies that shard parameters over processes (pointless, and refused, on one)."""
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -30,7 +33,7 @@ class DistributedOptions:
     """
 
     strategy: str = "none"
-    """none | ddp | fsdp (FSDP2 ZeRO-3) | deepspeed (DeepSpeed ZeRO-3)."""
+    """none | ddp | fsdp (FSDP2 ZeRO-3) | deepspeed (DeepSpeed ZeRO-3) | tp (tensor parallel) | fsdp_tp (FSDP2 x TP)."""
     cpu_offload: bool = False
     """fsdp / deepspeed: sharded parameters, gradients and optimizer state live in host memory."""
     reshard_after_forward: bool = True
@@ -49,6 +52,10 @@ class DistributedOptions:
     """Rows per micro-batch on one process (DeepSpeed's train_micro_batch_size_per_gpu)."""
     max_grad_norm: float | None = 1.0
     """Global gradient-norm clip (DeepSpeed clips inside its step, so it needs it up front)."""
+    tp_size: int = 1
+    """tp / fsdp_tp: processes that split each layer (inside one node); the rest is data parallel."""
+    sequence_parallel: bool = False
+    """tp / fsdp_tp: norms and dropout run on sequence shards (activations / tp_size between the layers)."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -57,6 +64,12 @@ class DistributedOptions:
             raise ValueError(f"distributed.timeout_s={self.timeout_s} must be positive (seconds)")
         if self.dp_replicate < 1:
             raise ValueError(f"distributed.dp_replicate={self.dp_replicate} must be at least 1")
+        tensor_parallel = self.strategy in TENSOR_PARALLEL
+        if tensor_parallel and self.tp_size < 2:
+            raise ValueError(f"distributed.strategy={self.strategy} needs distributed.tp_size >= 2 (got {self.tp_size})")
+        if not tensor_parallel and (self.tp_size != 1 or self.sequence_parallel):
+            raise ValueError(f"distributed.tp_size / sequence_parallel are for strategy tp or fsdp_tp, not "
+                             f"{self.strategy!r}; remove them or switch")
 
     @property
     def sharded(self) -> bool:

@@ -19,6 +19,10 @@ def _strategy_class(name: str) -> type[Strategy]:
         from tunekit.distributed.fsdp import FSDPStrategy
 
         return FSDPStrategy
+    if name in ("tp", "fsdp_tp"):
+        from tunekit.distributed.tp_strategy import FSDPTPStrategy, TPStrategy
+
+        return TPStrategy if name == "tp" else FSDPTPStrategy
     from tunekit.distributed.deepspeed_zero import DeepSpeedStrategy
 
     return DeepSpeedStrategy

@@ -40,8 +40,9 @@ its optimizer states hold the real rows), plus its communication buffers::
                       Adam moments), all / N, plus 4 x the largest layer (its gathered fp16 weights and
                       gradients); with offload the GPU keeps only that and the host
                       ``18 Ψ_t + 2 Ψ_f`` x 1.5 (DeepSpeed's buffer factor) per node
-    tp (degree t)     the layers in transformers' TP plan / t (colwise: output rows, rowwise: input
-                      columns; a LoRA's A follows the base's input split, B its output split);
+    tp (degree t)     the layers in tunekit's TP plan / t (colwise: output rows, rowwise: input
+                      columns; a LoRA's A follows the base's input split, B its output split; the
+                      head and embeddings whole);
                       activations of one rank's slice (heads and MLP width / t)
     fsdp_tp           TP first, then FSDP over the N / t data-parallel ranks
 
@@ -152,6 +153,9 @@ def _tp_split(param: ParamInfo, placements: dict[str, str], tp: int, tp_rank: in
     owner, part, leaf = _owner(param.name)
     style = next((s for pattern, s in placements.items() if re.fullmatch(pattern, owner)), None)
     if style is None:
+        return []
+    style = style.split(":")[0].removeprefix("packed_")  # packed outputs split like one colwise layer
+    if style == "replicate":
         return []
     colwise = style.startswith("colwise")
     rowwise = style.startswith("rowwise")

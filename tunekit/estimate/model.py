@@ -84,16 +84,12 @@ def num_layers(config: Any) -> dict[str, int]:
 
 
 def tp_divisibility_error(config: Any, tp: int) -> str | None:
-    """Why ``tp`` cannot split this model's heads and MLP, or None when it can."""
+    """Why ``tp`` cannot split this model's heads and MLP (tunekit's plan, ``tunekit.distributed.tp_plan``), or None."""
     if tp == 1:
         return None
-    if getattr(config, "base_model_tp_plan", None) is None:
-        return f"{config.model_type} has no tensor-parallel plan in transformers; use fsdp instead of tp"
-    for what in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        value = getattr(config, what, None)
-        if value is not None and value % tp:
-            return f"tensor-parallel degree {tp} does not divide {what}={value}; pick a divisor of it"
-    return None
+    from tunekit.distributed.tp_plan import size_problem
+
+    return size_problem(config, tp)
 
 
 def replica_config(spec: ModelSpec, layers: dict[str, int] | None = None, tp: int = 1) -> Any:
@@ -109,9 +105,14 @@ def replica_config(spec: ModelSpec, layers: dict[str, int] | None = None, tp: in
         error = tp_divisibility_error(config, tp)
         if error:
             raise ValueError(error)
+        from tunekit.distributed.tp_plan import arch_plan
+
         config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        for what in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-            setattr(config, what, getattr(config, what) // tp)
+        if config.model_type == "gpt2" and config.n_inner is None:
+            config.n_inner = 4 * config.hidden_size  # GPT-2's default MLP width, made explicit to be divided
+        for what in arch_plan(config).sizes:
+            if isinstance(getattr(config, what, None), int):
+                setattr(config, what, getattr(config, what) // tp)
     if spec.task == "seq_cls":
         config.num_labels = spec.num_labels
     return config
@@ -325,10 +326,15 @@ def inventory(model: nn.Module) -> Inventory:
 
 
 def tp_placements(model: nn.Module) -> dict[str, str]:
-    """Parameter-module regex -> TP style ("colwise", "rowwise", "embedding_rowwise", ...).
+    """Parameter-module regex -> TP style ("colwise", "rowwise", "packed_colwise:3", ...) as tunekit splits ``model``.
 
-    transformers merges a model's plans (``config.base_model_tp_plan`` under the base
-    model's prefix, plus the head's ``_tp_plan``) into ``model._tp_plan``.
+    The plan is the architecture table's (``tunekit.distributed.tp_plan``): transformers'
+    ``base_model_tp_plan`` or tunekit's own; the output head and embeddings stay whole.
+    Empty for an architecture without a plan.
     """
-    plan = dict(getattr(model, "_tp_plan", None) or {})
-    return {re.escape(key).replace(r"\*", r"\d+"): style for key, style in plan.items()}
+    from tunekit.distributed.tp_plan import placement_patterns
+
+    try:
+        return placement_patterns(model)
+    except ValueError:
+        return {}

@@ -8,7 +8,8 @@ from importlib import import_module
 
 from tunekit.models.config import ModelConfig, QuantizationConfig
 
-_LAZY = {"load_model": "tunekit.models.loading", "load_tokenizer": "tunekit.models.loading",
+_LAZY = {"load_model": "tunekit.models.loading", "load_model_config": "tunekit.models.loading",
+         "load_tokenizer": "tunekit.models.loading",
          "resolve_source": "tunekit.models.loading"}
 
 __all__ = ["ModelConfig", "QuantizationConfig", *_LAZY]

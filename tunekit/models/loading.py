@@ -27,7 +27,7 @@ from tunekit.adapters.hf.layers import keep_4bit_layout_trainable
 from tunekit.adapters.hf.tasks import TASKS
 from tunekit.models.config import ModelConfig
 
-__all__ = ["TASKS", "load_model", "load_tokenizer", "resolve_source"]
+__all__ = ["TASKS", "load_model", "load_model_config", "load_tokenizer", "resolve_source"]
 
 _DTYPES: dict[str, Any] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
 
@@ -84,6 +84,15 @@ def load_tokenizer(cfg: ModelConfig):
         else:
             tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return tokenizer
+
+
+def load_model_config(cfg: ModelConfig):
+    """The transformers config ``load_model`` would build (``config_overrides`` applied), without any weights.
+
+    What the checks before a launch read (tensor parallelism's head and width divisibility).
+    """
+    source = resolve_source(cfg.name_or_path) if cfg.name_or_path else None
+    return _model_config(cfg, source, "causal_lm", None)[0]
 
 
 def _model_config(cfg: ModelConfig, source: str | None, task: str, label_names: list[str] | None):

@@ -84,6 +84,11 @@ def _default_strategy(cfg: TrainConfig):
     return make_strategy(DistributedOptions.from_configs(DistributedOptions(), cfg))
 
 
+FUSED_HEAD_STRATEGIES = ("none", "tp")
+"""Strategies under which ``train.fused_cross_entropy`` runs: one process, and tensor parallelism, whose head
+stays whole on every rank (its hooks are on the split layers, not around the model's forward)."""
+
+
 def _check_strategy_fits(strategy, cfg: TrainConfig) -> None:
     """A strategy built with other training settings than ``cfg`` would silently train differently."""
     options = strategy.options
@@ -93,7 +98,7 @@ def _check_strategy_fits(strategy, cfg: TrainConfig) -> None:
         if getattr(options, key) != value:
             raise ValueError(f"the strategy was built with {key}={getattr(options, key)!r} but train.{key}={value!r}; "
                              "build it with DistributedOptions.from_configs(distributed_section, train_config)")
-    if cfg.fused_cross_entropy and strategy.name != "none":
+    if cfg.fused_cross_entropy and strategy.name not in FUSED_HEAD_STRATEGIES:
         raise ValueError(f"train.fused_cross_entropy=true is not supported with distributed.strategy={strategy.name}: "
                          "the fused head runs outside the engine's forward; set it to false")
 
