@@ -28,6 +28,7 @@ PLOTS = {
     "02_instruction_tuning.ipynb": 2,
     "03_prefix_prompt_lora.ipynb": 2,
     "04_adapters_api.ipynb": 1,
+    "06_will_it_fit.ipynb": 1,
 }
 # Stored without outputs for now: its cells are being extended on another branch.
 WITHOUT_OUTPUTS = ["05_multi_process.ipynb"]
@@ -69,6 +70,10 @@ def _execute(name: str, cwd: Path, tmp_path: Path, monkeypatch, values: dict[str
 
 def _outputs(cell) -> list:
     return cell.get("outputs", [])
+
+
+def test_every_notebook_is_tested():
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -234,3 +239,39 @@ def test_prefix_prompt_lora_notebook_counts_equal_peft_and_every_method_learns(t
     for name, (before, after) in got["metrics"].items():
         assert after["loss"] < before["loss"], name
     assert got["metrics"]["LoRA"][1]["accuracy"] > got["metrics"]["LoRA"][0]["accuracy"] + 0.3
+
+
+def _llama_parameters(config: dict) -> int:
+    """A Llama's parameter count from its config.json, written out (embeddings, blocks, norm, head)."""
+    d, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * config.get("head_dim", d // config["num_attention_heads"])
+    block = d * d * 2 + d * kv * 2 + 3 * d * inter + 2 * d  # q, o; k, v; gate, up, down; two RMSNorms
+    head = 0 if config.get("tie_word_embeddings") else vocab * d
+    return vocab * d + config["num_hidden_layers"] * block + d + head
+
+
+def test_will_it_fit_notebook_estimates_real_configs_and_pushes_to_the_stand_in_hub(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    got = _execute("06_will_it_fit.ipynb", NOTEBOOKS, tmp_path, monkeypatch, {
+        "exit_code": "exit_code", "real_size": "REAL_SIZE",
+        "models": "{label: p.model for label, p in plans.items()}",
+        "frozen": "{label: row.frozen for label, row in single.items()}",
+        "files": "files", "base_files": "base_files", "card": "card", "pushed": "pushed.repo_id",
+        "env_after": "[os.environ.get('HF_HUB_OFFLINE'), os.environ.get('HF_ENDPOINT'), constants.HF_HUB_OFFLINE]",
+    })
+    assert got["exit_code"] == 0 and got["real_size"] is False
+    for label, model in got["models"].items():
+        folder = REPO / "cookbook/models" / f"meta-llama--{label.split()[0]}"
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        assert model["parameters"] - model["trainable"] == _llama_parameters(config), label  # the base's
+    base_8b = _llama_parameters(json.loads((REPO / "cookbook/models/meta-llama--Llama-3.1-8B/config.json").read_text(
+        encoding="utf-8")))
+    lora, qlora = got["frozen"]["Llama-3.1-8B\nlora"], got["frozen"]["Llama-3.1-8B\nqlora"]
+    assert lora == 2 * base_8b  # bf16: 2 bytes per frozen weight
+    assert qlora < lora / 2  # NF4 blocks: ~0.5 byte per quantized weight (embeddings and head stay bf16)
+    # The push: adapter + card in the repo, the random base in <repo>-base, and the card names it.
+    assert got["pushed"] == "alice/tiny-llama-instruct-lora"
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(got["files"])
+    assert {"config.json", "model.safetensors"} <= set(got["base_files"])
+    assert "alice/tiny-llama-instruct-lora-base" in got["card"]
+    assert got["env_after"] == ["1", None, True]  # offline mode back on after the stand-in's block
