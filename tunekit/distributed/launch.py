@@ -339,4 +339,7 @@ def launch_command(argv: list[str], *, nproc: int, nnodes: int = 1, node_rank: i
         return EXIT_INTERRUPTED
     error = _failure(outcome.codes, run_dir / "failures", run_dir, range(nproc) if nnodes == 1 else None)
     print(f"tunekit: {error}", file=sys.stderr)
-    return codes.pop() if len(codes) == 1 and codes <= {2} else 1
+    # 2 (a refused config) only when every local rank refused it; a rank stopped after another's failure
+    # may have no recorded code, so one rank's 2 alone is a failed job (1)
+    all_refused = codes == {2} and len(outcome.codes) == nproc  # this node's ranks
+    return 2 if all_refused else 1
