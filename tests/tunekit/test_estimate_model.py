@@ -27,7 +27,7 @@ PUBLISHED = {
     "meta-llama/Llama-3.1-8B": 8_030_261_248,
     "meta-llama/Llama-3.1-8B-Instruct": 8_030_261_248,
     "meta-llama/Llama-3.1-70B": 70_553_706_496,
-    "meta-llama/Llama-3.1-70B-Instruct": 70_553_706_496,
+    "meta-llama/Llama-3.1-70B-Instruct": 70_553_706_496,  # the base's architecture
     "Qwen/Qwen2.5-0.5B-Instruct": 494_032_768,
     "Qwen/Qwen2.5-7B": 7_615_616_512,
     "Qwen/Qwen3-0.6B": 596_049_920,
