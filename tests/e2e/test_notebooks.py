@@ -274,7 +274,7 @@ def test_will_it_fit_notebook_estimates_real_configs_and_pushes_to_the_stand_in_
     base_8b = _llama_parameters(json.loads((REPO / "cookbook/models/meta-llama--Llama-3.1-8B/config.json").read_text(
         encoding="utf-8")))
     lora, qlora = got["frozen"]["Llama-3.1-8B\nlora"], got["frozen"]["Llama-3.1-8B\nqlora"]
-    assert lora == 2 * base_8b  # bf16: 2 bytes per frozen weight
+    assert 0 <= lora - 2 * base_8b < 2**20  # bf16: 2 bytes per frozen weight (+ buffers such as RoPE's inv_freq)
     assert qlora < lora / 2  # NF4 blocks: ~0.5 byte per quantized weight (embeddings and head stay bf16)
     # The push: adapter + card in the repo, the random base in <repo>-base, and the card names it.
     assert got["pushed"] == "alice/tiny-llama-instruct-lora"
