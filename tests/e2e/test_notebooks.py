@@ -144,10 +144,17 @@ def test_instruction_tuning_notebook_masks_packs_exactly_and_trains_lora_and_qlo
     segment = got["segment"]
     assert got["mask_rows"] == [segment[: i + 1].count(segment[i]) for i in range(len(segment))]
     assert len(set(segment)) > 1 and got["packing_gap"] <= FP32_EXACT  # the packed loss is the unpacked loss
-    assert got["lora"][1] < got["lora"][0] - 2 and got["qlora"][1] < got["qlora"][0]
+    assert got["lora"][1] < got["lora"][0] - 3 and got["qlora"][1] < got["qlora"][0] - 3
     assert got["base_layer"] == "Linear4bit"  # QLoRA trained on a bitsandbytes 4-bit base
     # The untrained model runs to max_new_tokens; the tuned one answers briefly and stops at <|im_end|>.
     assert got["before"] != got["after"] and max(got["after_tokens"]) < 12
+    # The answers: the data file's for the opposite and the capital, the count of the (unseen) word list.
+    answers = {row["instruction"]: row["output"].lower() for row in map(json.loads, (
+        REPO / "cookbook/data/word_tasks.jsonl").read_text(encoding="utf-8").splitlines())}
+    expected = [answers["What is the opposite of low?"], str(len("candle happy ocean".split())),
+                answers["What is the capital of China?"]]
+    for replies in got["after"], got["qlora_after"]:  # greedy: at most one answer may differ on another CPU
+        assert sum(a == b for a, b in zip(replies, expected)) >= 2, (replies, expected)
 
 
 def test_adapters_api_notebook_lora_dora_peft_bottleneck_mam_merge_eject(tmp_path, monkeypatch):
