@@ -62,8 +62,11 @@ def inject_adapters(
     else:
         set_active_adapters(model, active_adapters(model))
     exclude_adapters_from_save(model)
-    counts = trainable_parameters(model)
-    return InjectionReport(name, config.method, wrapped, counts.trainable, counts.total)
+    # The new adapter's own parameters (what trains while it is active), also when added inactive.
+    own = {id(p): p for _, host in iter_hosts(model) if name in host.adapters for p in host.adapter_params(name)}
+    own.update((id(p), p) for p in method.trainable_extras(model, config))
+    return InjectionReport(name, config.method, wrapped, sum(map(_numel, own.values())),
+                           trainable_parameters(model).total)
 
 
 def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:

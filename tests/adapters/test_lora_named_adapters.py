@@ -9,14 +9,18 @@ from _tolerances import FP32_EXACT, max_abs_diff
 from peft import PeftModel
 
 from tunekit.adapters import (
+    BottleneckConfig,
     LoRAConfig,
     LoRALayer,
+    PrefixConfig,
+    PromptConfig,
     active_adapters,
     delete_adapter,
     inject_adapters,
     load_adapters,
     save_adapters,
     set_active_adapters,
+    trainable_parameters,
 )
 
 
@@ -85,3 +89,21 @@ def test_save_several_uses_peft_subfolders(tmp_path):
     peft_model.load_adapter(tmp_path / "other", adapter_name="other")
     peft_model.set_adapter("other")
     assert max_abs_diff(model_output(peft_model.eval(), inputs), outputs["other"]) <= FP32_EXACT
+
+
+@pytest.mark.parametrize("config", [
+    LoRAConfig(rank=2, target_modules=["o_proj"], bias="all", modules_to_save=["lm_head"]),
+    LoRAConfig(rank=2, use_dora=True), PrefixConfig(num_virtual_tokens=3), PromptConfig(num_virtual_tokens=3),
+    BottleneckConfig(reduction_factor=8)], ids=["lora-bias-head", "dora", "prefix", "prompt", "bottleneck"])
+def test_report_counts_the_new_adapters_own_parameters_also_when_added_inactive(config):
+    torch.manual_seed(0)
+    alone = tiny_llama()
+    report_alone = inject_adapters(alone, config, name="new")
+    own = trainable_parameters(alone).trainable  # what requires_grad says when it is the only adapter
+    assert report_alone.trainable_params == own > 0
+    beside = tiny_llama()
+    inject_adapters(beside, LoRAConfig(rank=4, target_modules=["q_proj"]), name="default")
+    first = trainable_parameters(beside).trainable
+    report = inject_adapters(beside, config, name="new", activate=False)
+    assert report.trainable_params == own and trainable_parameters(beside).trainable == first
+    assert report.total_params == trainable_parameters(beside).total
