@@ -174,11 +174,11 @@ class _Setup:
     """A new from_config base saved in the scratch folder, moved to ``output.dir/base`` once the run starts."""
 
 
-def _setup(cfg: FinetuneConfig, out: Path, scratch: Path, main: bool) -> _Setup:
+def _setup(cfg: FinetuneConfig, out: Path, scratch: Path, strategy) -> _Setup:
     from tunekit.adapters import inject_adapters, trainable_parameters
     from tunekit.data import build_dataset, label_names_for
     from tunekit.models import load_model
-    from tunekit.models.fastpath import choose_fast_path
+    from tunekit.models.fastpath import adopt_fast_path, choose_fast_path
 
     task = task_for(cfg)
     labels = label_names_for(cfg.data) if task == "seq_cls" else None
@@ -187,8 +187,12 @@ def _setup(cfg: FinetuneConfig, out: Path, scratch: Path, main: bool) -> _Setup:
     if saved_base is not None:
         model_cfg = cfg.model.model_copy(update=dict(name_or_path=str(saved_base), tokenizer=None, from_config=False,
                                                      model_type=None, config_overrides={}))
+    main = strategy.is_main
+    # fsdp: one copy of the base per job; the other ranks build it on the meta device (rank0_fill).
+    strategy.base_on_rank0_only = strategy.loads_base_on_rank0_only(quantized=model_cfg.quantization is not None)
+    on_meta = strategy.base_on_rank0_only and strategy.runtime.rank != 0
     torch.manual_seed(cfg.train.seed)  # a new head's init is part of the run (the same on every rank)
-    model, tokenizer = load_model(model_cfg, task=task, label_names=labels)
+    model, tokenizer = load_model(model_cfg, task=task, label_names=labels, on_meta=on_meta)
     new_base = None
     if cfg.model.from_config and saved_base is None and main:
         # Random weights exist only in these processes: keep rank 0's (saved before the adapter goes
@@ -197,17 +201,31 @@ def _setup(cfg: FinetuneConfig, out: Path, scratch: Path, main: bool) -> _Setup:
         model.save_pretrained(new_base)
         tokenizer.save_pretrained(new_base)
     # data.packing null / attention auto: packing and the varlen attention where exact on this model.
-    fast = choose_fast_path(model, task=task, method=cfg.adapter.method, packing=cfg.data.packing,
-                            attn_implementation=cfg.model.attn_implementation)
+    fast = None if on_meta else choose_fast_path(model, task=task, method=cfg.adapter.method,
+                                                 packing=cfg.data.packing,
+                                                 attn_implementation=cfg.model.attn_implementation)
+    if strategy.base_on_rank0_only:  # a meta model cannot run the probe: every rank trains as rank 0 chose
+        fast = strategy.broadcast_object(fast)
+        if on_meta:
+            adopt_fast_path(model, fast)
     cfg.data.packing = fast.packing  # resolved_config.yaml and the checkpoints record what ran
     if main:
         print(fast.note)
     data = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed)
     base = _base_record(cfg, saved_base or (out / "base").resolve(), model, task, labels)
     report = inject_adapters(model, cfg.adapter)
+    if strategy.base_on_rank0_only:
+        from tunekit.distributed.rank0_fill import check_signatures, signatures
+
+        reference = strategy.broadcast_object(signatures(model) if not on_meta else None)
+        if on_meta:
+            check_signatures(model, reference)
     if main:
         print(f"adapter {report.method}: wrapped {len(report.wrapped)} modules; {trainable_parameters(model)}")
         print(data.stats.summary())
+        if strategy.base_on_rank0_only:
+            print(f"base: loaded by rank 0 only; the other {strategy.runtime.world_size - 1} rank(s) built it on the "
+                  "meta device and receive their shards from rank 0 (distributed.fill_from_rank0: false opts out)")
     return _Setup(model, tokenizer, data, base, new_base)
 
 
@@ -305,7 +323,7 @@ def _run(cfg: FinetuneConfig, strategy, auto_line: str | None = None) -> Finetun
     if note and main:
         print(note)
     with tempfile.TemporaryDirectory(prefix="tunekit-") as scratch:
-        setup = _setup(cfg, out, Path(scratch), main)
+        setup = _setup(cfg, out, Path(scratch), strategy)
         trainer = Trainer(setup.model, setup.data, cfg.train, out, strategy=strategy,
                           run_config=cfg.model_dump(mode="json"))
         config_file = _write_run_files(cfg, out, setup, strategy, auto_line)

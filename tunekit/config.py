@@ -93,6 +93,11 @@ class DistributedConfig(BaseModel):
     sequence_parallel: bool = False
     """tp / fsdp_tp: norms and dropout run on sequence shards between the layers (activations / tp_size there)."""
 
+    fill_from_rank0: bool = True
+    """strategy fsdp on several processes: only rank 0 loads the base; the other ranks build it on the meta device and
+    receive their shards from rank 0 when it is sharded, so the job holds one copy of the base in host memory,
+    not one per rank (a quantized base is loaded by every rank). false: every rank loads the base."""
+
     @model_validator(mode="after")
     def _check_values(self) -> DistributedConfig:
         tensor_parallel = self.strategy in ("tp", "fsdp_tp")

@@ -10,6 +10,7 @@ batch (batch x accumulation x processes).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -280,3 +281,40 @@ def parameter_checksums_of(tensors: dict) -> torch.Tensor:
 
 def strategy_none_under_a_launcher() -> None:
     make_strategy(DistributedOptions(strategy="none"))
+
+
+def rank0_filled(kind: str, cpu_offload: bool) -> dict:
+    """Rank 0 builds ``kind`` for real, rank 1 on the meta device; FSDP2 shards both and fills them from rank 0.
+
+    Returns, for each rank (a list in rank order): whether each gathered parameter and every buffer equals
+    rank 0's tensor before sharding bit for bit, and how far its logits are from rank 0's unsharded model's.
+    """
+    from tunekit.distributed.rank0_fill import check_signatures, signatures
+
+    strategy = make_strategy(DistributedOptions(strategy="fsdp", cpu_offload=cpu_offload))
+    rank0 = strategy.runtime.rank == 0
+    with contextlib.nullcontext() if rank0 else torch.device("meta"):
+        model = build_model(kind)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    before = {}
+    if rank0:
+        with torch.no_grad():
+            before = {"logits": model.eval()(input_ids=ids).logits,
+                      **{n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}}
+        model.train()
+    reference = gather_objects(signatures(model))[0]
+    if not rank0:
+        check_signatures(model, reference)
+    strategy.base_on_rank0_only = True
+    strategy.prepare(model, lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1))
+    expected = gather_objects({k: v for k, v in before.items()})[0]
+    with torch.no_grad():  # gathered before the forward (after it the root unit holds plain gathered tensors)
+        params = {n: p.full_tensor().cpu() for n, p in model.named_parameters()}
+        logits = model.eval()(input_ids=ids).logits
+    buffers = {n: b.cpu() for n, b in model.named_buffers()}
+    mine = {"params_equal": all(params[n].equal(expected[n]) for n in params),
+            "buffers_equal": bool(buffers) and all(buffers[n].equal(expected[n]) for n in buffers),
+            "logits_gap": (logits.cpu() - expected["logits"]).abs().max().item(), "count": len(params) + len(buffers)}
+    every_rank = gather_objects(mine)
+    strategy.close()
+    return every_rank

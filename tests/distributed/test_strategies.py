@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import pytest
-from _dist_helpers import build_model, replicas, run_case, single_process, strategy_for, toy_data, train, train_config
+from _dist_helpers import build_model, rank0_filled, replicas, run_case, single_process, strategy_for, toy_data, train, train_config
 from _tolerances import DIST_LOSS_REL, DIST_RESUME_OTHER_WORLD, FP32_EXACT
 from safetensors.torch import load_file
 
@@ -134,3 +134,12 @@ def test_adapters_start_identical_on_every_rank_and_a_differing_base_is_refused(
     assert result == {"before_differ": True, "equal_to_rank0": True, "checksums_agree": True}
     with pytest.raises(tunekit.DistributedError, match="differs between rank 0 and rank 1"):
         launch(replicas, "base", nproc=2, echo=False)
+
+
+@pytest.mark.parametrize("kind,cpu_offload", [("lora", False), ("head", True), ("lora_bf16_base", False)])
+def test_fsdp_fills_a_meta_device_rank_from_rank_0_bit_for_bit(kind, cpu_offload):
+    """distributed.fill_from_rank0: rank 1 never loads the base; after sharding, every parameter (base, adapters,
+    a new head) and buffer (RoPE's inv_freq) is rank 0's, and both ranks compute rank 0's unsharded logits."""
+    for rank, result in enumerate(launch(rank0_filled, kind, cpu_offload, nproc=2, echo=False)):
+        assert result["params_equal"] and result["buffers_equal"] and result["count"] > 20, rank
+        assert result["logits_gap"] <= FP32_EXACT, rank

@@ -64,6 +64,7 @@ class FSDPStrategy(Strategy):
     """FSDP2 ZeRO-3 over the ``dp_shard`` dim (HSDP when ``dp_replicate`` > 1)."""
 
     name = "fsdp"
+    fills_from_rank0 = True
 
     def _fsdp_kwargs(self) -> dict:
         from torch.distributed.fsdp import CPUOffloadPolicy
@@ -80,11 +81,19 @@ class FSDPStrategy(Strategy):
     def _wrap(self, model: nn.Module, build_optimizer: OptimizerFactory):
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        from tunekit.distributed.rank0_fill import fill_from_rank0, source_tensors
+
+        rank0 = self.runtime.rank == 0
+        sources = source_tensors(model) if self.base_on_rank0_only and rank0 else None
         kwargs = self._fsdp_kwargs()
         for unit in shard_units(model):
             fully_shard(unit, **kwargs)
         # The root's leftovers are needed again at once by backward: keep them gathered.
         fully_shard(model, **{**kwargs, "reshard_after_forward": False})
+        if self.base_on_rank0_only:
+            if not rank0:  # meta shards become real (uninitialised) ones where FSDP2 keeps them
+                model.to_empty(device="cpu" if self.options.cpu_offload else self.device)
+            fill_from_rank0(model, sources, self.device)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)

@@ -56,6 +56,9 @@ class DistributedOptions:
     """tp / fsdp_tp: processes that split each layer (inside one node); the rest is data parallel."""
     sequence_parallel: bool = False
     """tp / fsdp_tp: norms and dropout run on sequence shards (activations / tp_size between the layers)."""
+    fill_from_rank0: bool = True
+    """fsdp (not fsdp_tp): only rank 0 loads the base; the others build it on the meta device and get their shards
+    from rank 0."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

@@ -59,6 +59,9 @@ class Strategy:
     name = "none"
     grad_average_factor = 1
     """How many ranks the engine averages gradients over (DDP, DeepSpeed); the loss is scaled by it."""
+    fills_from_rank0 = False
+    """Whether ``prepare`` can take a model that only rank 0 holds for real, built on the meta device elsewhere
+    (``tunekit.distributed.rank0_fill``); fsdp can."""
 
     def __init__(self, options: DistributedOptions, runtime: Runtime) -> None:
         if options.mixed_precision == "fp16" and runtime.device.type != "cuda":
@@ -73,6 +76,9 @@ class Strategy:
         self.trainable_shapes: dict[str, torch.Size] = {}
         """Global shape of every trainable parameter, recorded before wrapping (the save checks against it)."""
         self._scaler = torch.amp.GradScaler("cuda") if options.mixed_precision == "fp16" else None
+        self.base_on_rank0_only = False
+        """Set before ``prepare`` (``tunekit.finetune`` does, where ``loads_base_on_rank0_only``): ranks other than 0
+        built the model on the meta device, and every tensor is filled from rank 0's when it is sharded."""
 
     # ------------------------------------------------------------------ who / where
     @property
@@ -91,6 +97,14 @@ class Strategy:
     def dp_rank(self) -> int:
         return self.runtime.dp_rank
 
+    def loads_base_on_rank0_only(self, quantized: bool) -> bool:
+        """Whether ranks other than 0 should build the base on the meta device (then set ``base_on_rank0_only``).
+
+        A quantized base is loaded by every rank (bitsandbytes' layers are not built on the meta device).
+        """
+        return (self.fills_from_rank0 and self.options.fill_from_rank0 and self.runtime.world_size > 1
+                and not quantized)
+
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -108,7 +122,7 @@ class Strategy:
             raise ValueError("the model has no trainable parameters; inject_adapters() first")
         if self.options.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        if self.runtime.world_size > 1:
+        if self.runtime.world_size > 1 and not self.base_on_rank0_only:  # else: all of rank 0's, when sharded
             broadcast_trainable(model, self.device)
             check_replicas_identical(model, self.device)
         self.model = model

@@ -138,6 +138,9 @@ class FSDPTPStrategy(TensorParallelMixin, FSDPStrategy):
     """FSDP2 ZeRO-3 over the dp dims on top of tensor parallelism over ``tp`` (the 2-D mesh)."""
 
     name = "fsdp_tp"
+    # Rank 0's full tensors are not what a TP shard holds under every plan (GPT-2's packed q/k/v
+    # columns are reordered), so every rank loads the base.
+    fills_from_rank0 = False
 
     def _wrap(self, model: nn.Module, build_optimizer: OptimizerFactory):
         self._parallelize(model)

@@ -29,7 +29,7 @@ from torch import nn
 
 from tunekit.data.collate import varlen_kwargs
 
-__all__ = ["FastPath", "choose_fast_path", "packs_exactly"]
+__all__ = ["FastPath", "adopt_fast_path", "choose_fast_path", "packs_exactly"]
 
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")
 _PROBE = (8, 3)  # lengths of the two probe sequences: the short one would see the long one's keys
@@ -145,3 +145,19 @@ def choose_fast_path(model: nn.Module, *, task: str, method: str, packing: bool 
                          "examples attend to each other; set data.packing: false")
     return FastPath(False, loaded, f"data.packing: false ({type(model).__name__} does not keep packed examples "
                                    f"apart with attention {loaded}), attention {loaded}")
+
+
+def adopt_fast_path(model: nn.Module, fast: FastPath) -> None:
+    """Give ``model`` the attention another process's ``choose_fast_path`` picked (a model on the meta device
+    cannot run the probe; the ranks of one job must train the same way).
+
+    Raises:
+        ValueError: this model refuses that attention implementation.
+    """
+    from tunekit.models.attention import ATTN_IMPLEMENTATION, register_tunekit_attention
+
+    if fast.attn_implementation == ATTN_IMPLEMENTATION:
+        register_tunekit_attention()  # registered where rank 0 chose it, not yet here
+    if fast.attn_implementation and not _switch_attention(model, fast.attn_implementation):
+        raise ValueError(f"attention {fast.attn_implementation!r}, chosen on rank 0, is refused by this rank's "
+                         f"{type(model).__name__}; set model.attn_implementation explicitly")

@@ -15,6 +15,7 @@ the task, a package without a model) is one ``ValueError`` line naming
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 from pathlib import Path
@@ -118,7 +119,8 @@ def _model_config(cfg: ModelConfig, source: str | None, task: str, label_names: 
     return config, False
 
 
-def _instantiate(cfg: ModelConfig, source: str | None, config, task: str, new_head: bool) -> nn.Module:
+def _instantiate(cfg: ModelConfig, source: str | None, config, task: str, new_head: bool,
+                 on_meta: bool = False) -> nn.Module:
     import transformers
 
     auto = getattr(transformers, TASKS[task].auto_class)
@@ -126,10 +128,13 @@ def _instantiate(cfg: ModelConfig, source: str | None, config, task: str, new_he
     if cfg.attn_implementation not in (None, "auto"):  # auto: chosen once the data is known (models.fastpath)
         kwargs["attn_implementation"] = _attention(cfg.attn_implementation)
     try:
-        if cfg.from_config:
+        if cfg.from_config or on_meta:
             dtype = kwargs.pop("dtype")
-            return auto.from_config(config, dtype=None if dtype == "auto" else dtype,
-                                    trust_remote_code=cfg.trust_remote_code, **kwargs)
+            if dtype == "auto":  # what from_pretrained would pick: the checkpoint's dtype
+                dtype = getattr(config, "dtype", None) if on_meta and not cfg.from_config else None
+            with torch.device("meta") if on_meta else contextlib.nullcontext():
+                model = auto.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
+            return model if cfg.from_config else model.eval()  # from_pretrained returns it in eval mode
         if cfg.quantization is not None:
             kwargs.update(_quantization(cfg, task))
         if new_head:
@@ -197,11 +202,13 @@ def prepare_quantized(model: nn.Module) -> None:
 
 
 def load_model(cfg: ModelConfig, *, task: str, num_labels: int | None = None,
-               label_names: list[str] | None = None) -> tuple[nn.Module, Any]:
+               label_names: list[str] | None = None, on_meta: bool = False) -> tuple[nn.Module, Any]:
     """Load ``(model, tokenizer)`` for ``task`` ("causal_lm" | "seq_cls" | "seq2seq").
 
     For ``seq_cls`` pass the label names (or at least ``num_labels``): they size
-    the head and become ``config.id2label`` / ``label2id``.
+    the head and become ``config.id2label`` / ``label2id``. ``on_meta`` builds the same
+    model on the meta device, reading no weights (the ranks of an FSDP job that receive
+    their shards from rank 0); not for a quantized base.
 
     Raises:
         ValueError: one line naming the model key and the fix.
@@ -212,8 +219,10 @@ def load_model(cfg: ModelConfig, *, task: str, num_labels: int | None = None,
         label_names = [f"LABEL_{i}" for i in range(num_labels)]
     source = resolve_source(cfg.name_or_path) if cfg.name_or_path else None
     tokenizer = load_tokenizer(cfg)
+    if on_meta and cfg.quantization is not None:
+        raise ValueError("model.quantization: a quantized base cannot be built on the meta device; load it on every rank")
     config, new_head = _model_config(cfg, source, task, label_names)
-    model = _instantiate(cfg, source, config, task, new_head)
+    model = _instantiate(cfg, source, config, task, new_head, on_meta)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # a pad token was added
     model.config.pad_token_id = tokenizer.pad_token_id
