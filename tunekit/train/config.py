@@ -113,10 +113,6 @@ class TrainConfig(BaseModel):
     fused_cross_entropy: bool = False
     """Causal LM only: compute the loss with tunekit's fused linear + cross-entropy kernel."""
 
-    retain_cpu_memory: bool = True
-    """On a CPU with glibc, keep the memory a step frees for the next step instead of handing it back to the OS
-    and page-faulting it in again (~5% of a small model's step); false leaves malloc as it is."""
-
     @field_validator("report_to")
     @classmethod
     def _trackers_installed(cls, names: list[str]) -> list[str]:

@@ -66,7 +66,7 @@ from tunekit.train.loss import (
 from tunekit.train.optim import build_optimizer, build_scheduler
 from tunekit.train.progress import Progress, TrainResult
 from tunekit.train.resume import resume_note, sections_changed
-from tunekit.train.runtime import external_launch_problem, peak_memory_mib, retained_cpu_memory
+from tunekit.train.runtime import external_launch_problem, peak_memory_mib
 from tunekit.train.signals import StopOnSignal
 
 __all__ = ["READY_MESSAGE", "Progress", "TrainResult", "Trainer"]
@@ -314,8 +314,7 @@ class Trainer:
         if self._resume_note:
             log.message(self._resume_note)
         try:
-            with (StopOnSignal(repeat_quits=self.strategy.runtime.world_size == 1) as stop,
-                  retained_cpu_memory(self.strategy.device, self.cfg.retain_cpu_memory)):
+            with StopOnSignal(repeat_quits=self.strategy.runtime.world_size == 1) as stop:
                 self._signal = stop
                 self.strategy.barrier()  # every rank has its handlers before the line says so
                 log.message(READY_MESSAGE)
