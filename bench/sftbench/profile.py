@@ -38,8 +38,8 @@ from .contenders import tunekit_config
 from .measure import TrainMeter
 from .workload import encode, generate_rows, workspace
 
-_MATMULS = {"aten::mm", "aten::addmm", "aten::bmm"}
-_LOSS = ("log_softmax", "nll_loss", "cross_entropy", "logsumexp", "NllLoss", "LogSoftmax")
+_MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"}
+_LOSS = ("log_softmax", "nll_loss", "cross_entropy", "logsumexp", "NllLoss", "LogSoftmax", "CrossEntropy")
 _MODULE_RANGES = {"Attention": "attention: rest (RoPE, reshapes, per-layer masks, cu_seqlens)",
                   "MLP": "norms, activations, residuals (fwd)", "RMSNorm": "norms, activations, residuals (fwd)",
                   "Linear": "linear/LoRA module overhead (fwd)", "LoRA": "linear/LoRA module overhead (fwd)"}

@@ -13,6 +13,7 @@ import torch
 
 from tunekit.kernels._dispatch import backend
 from tunekit.kernels.cross_entropy.chunked import CEOptions, default_chunk_size
+from tunekit.kernels.cross_entropy.dense import cross_entropy_mean
 from tunekit.kernels.cross_entropy.reference import (
     apply_linear_cross_entropy,
     ce_rows_ref,
@@ -64,4 +65,5 @@ def fused_linear_cross_entropy(
     )
 
 
-__all__ = ["CEOptions", "default_chunk_size", "fused_linear_cross_entropy", "fused_linear_cross_entropy_ref"]
+__all__ = ["CEOptions", "cross_entropy_mean", "default_chunk_size", "fused_linear_cross_entropy",
+           "fused_linear_cross_entropy_ref"]

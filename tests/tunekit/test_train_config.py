@@ -1,9 +1,11 @@
 """TrainConfig validation, optimizer selection and lr schedules (vs the formulas written out here)."""
 
+import copy
 import math
 
 import pytest
 import torch
+from _tolerances import FP32_EXACT
 from pydantic import ValidationError
 
 from tunekit.train import OPTIMIZERS, TrainConfig, build_optimizer, build_scheduler
@@ -86,3 +88,22 @@ def test_8bit_adamw_is_bitsandbytes():
     bnb = pytest.importorskip("bitsandbytes")
     opt = build_optimizer(torch.nn.Linear(64, 64), TrainConfig(optimizer="adamw_8bit"))
     assert isinstance(opt, bnb.optim.AdamW8bit)
+
+
+def test_adamw_on_cpu_is_torchs_fused_one_and_steps_like_the_for_loop():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    oracle_model = copy.deepcopy(model)
+    opt = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
+    oracle = torch.optim.AdamW([{"params": [oracle_model[0].weight, oracle_model[1].weight], "weight_decay": 0.1},
+                                {"params": [oracle_model[0].bias, oracle_model[1].bias], "weight_decay": 0.0}],
+                               lr=1e-2, foreach=False)
+    assert opt.defaults["fused"] is True
+    for _ in range(3):
+        x = torch.randn(5, 8)
+        for m, o in ((model, opt), (oracle_model, oracle)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for p, q in zip(model.parameters(), oracle_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=FP32_EXACT, atol=FP32_EXACT)

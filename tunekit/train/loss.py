@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunekit.adapters.hf.tasks import IGNORE_INDEX, TASKS
+from tunekit.kernels.cross_entropy import cross_entropy_mean
 from tunekit.models.heads import supports_target_head, target_positions
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -72,10 +73,11 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], forward_kwa
                    ) -> torch.Tensor:
     """``model(**batch).loss`` of a causal LM, with the head and cross-entropy on target positions only.
 
-    Equal to transformers' loss (mean over ``labels[:, 1:] != -100``, fp32 logits) up to rounding.
+    Equal to transformers' loss (mean over ``labels[:, 1:] != -100``, fp32 logits) up to rounding;
+    every gathered row is a target, so the cross-entropy is the one-pass-backward ``cross_entropy_mean``.
     """
     picked = target_positions(model, batch, forward_kwargs)
-    return F.cross_entropy(picked.logits.float(), picked.targets)
+    return cross_entropy_mean(picked.logits.float(), picked.targets)
 
 
 def model_loss(model: nn.Module, batch: dict[str, torch.Tensor], forward_kwargs: dict,
