@@ -208,7 +208,9 @@ def estimate(recipe: Recipe) -> Row:
     devices = recipe.hardware.devices()
     layout = recipe_layout(recipe.config)
     try:
-        result = plan(spec, settings, devices, tp_sizes=tp_sizes, advise=False)
+        # only the recipe's own layout: the others' activations (one simulation per TP degree) are not shown
+        result = plan(spec, settings, devices, tp_sizes=tp_sizes, advise=False,
+                      allowed=lambda candidate, _devices: candidate == layout)
     except (ValueError, RuntimeError) as err:  # the estimator's one-line errors, named by recipe
         raise ValueError(f"{recipe.name}: {err}") from None
     row = next((r for r in result.rows if r.layout == layout), None)
